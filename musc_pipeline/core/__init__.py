@@ -1,0 +1,14 @@
+"""MuSc core: pure torch/numpy implementation of the method (no Dagster, no file I/O).
+
+Modules, in the order data flows through them:
+
+- :mod:`preprocess`  image and mask arrays -> model input and S×S ground truth
+- :mod:`backbone`    registry of backbones; stage taps + image embedding
+- :mod:`lnamd`       local neighbourhood aggregation with multiple degrees (LNAMD)
+- :mod:`msm`         mutual scoring module (MSM), the hot loop
+- :mod:`maps`        patch scores -> S×S anomaly maps and image scores
+- :mod:`rscin`       re-scoring with constrained image-level neighbourhood (RsCIN)
+- :mod:`subsets`     subset division of a large test set
+- :mod:`metrics`     image/pixel AUROC, AP, F1-max and PRO
+- :mod:`pipeline`    composes the above for one category
+"""

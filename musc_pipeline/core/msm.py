@@ -1,0 +1,257 @@
+"""MSM: Mutual Scoring Module (paper §3.3, SPEC §3) — the hot loop.
+
+For test image ``i``, patch ``m`` and every other image ``j`` of the scoring pool::
+
+    a_{i,m}(j) = min_n ‖Z_i[m] − Z_j[n]‖₂                 (nearest patch of image j)
+    s(i,m)     = mean of a_{i,m}(j) over the interval [a, b] of their ascending order
+
+With the default interval (0, 0.3) that is the mean of the lowest K = floor(0.3·(N−1)) values.
+``K = max(1, ·)``: for N ≤ 4 the floor is 0 and the authors' code returns NaN; we keep at least
+the smallest value (the authors suggest ceil instead; both agree for N > 4 whenever 0.3·(N−1)
+is an integer and differ by one value otherwise — we keep floor to match their numbers).
+
+How it is computed (all exact, see SPEC §3):
+
+- On unit vectors ``‖a − b‖ = √(2 − 2a·b)``, so the nearest patch is the largest dot product;
+  distances are only formed for the few values the interval keeps.
+- One product ``Y_i Y_jᵀ`` serves both directions: its row maxima score image i against j,
+  its column maxima score j against i. Only blocks with J ≥ I are computed.
+- ``<B_r(Y_i)[m], B_r(Y_j)[n]>`` is the box filter of the r = 1 product over both patch grids,
+  so degrees 3 and 5 come from the same product (see :mod:`lnamd`).
+- Image pairs are processed in blocks whose size is derived from a memory budget, so peak
+  memory for the similarity blocks is bounded whatever N is. The per-pair result
+  (R × N × P × N similarities) is what grows with N.
+
+The seam for speed work is :func:`max_similarities`; everything else is selection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from musc_pipeline.core import lnamd
+
+Interval = tuple[float, float]
+Mode = Literal["zero_shot", "few_shot", "musc_plus"]
+ProgressFn = Callable[[int, int], None]
+
+PAPER_INTERVAL: Interval = (0.0, 0.3)
+#: The ablation variants of the paper as intervals of the sorted distances.
+NAMED_INTERVALS: dict[str, Interval] = {
+    "min": (0.0, 0.0),
+    "max": (1.0, 1.0),
+    "mean": (0.0, 1.0),
+    "paper": PAPER_INTERVAL,
+}
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# G, the j-grid filtered copy, its transposed copy and the i-grid filtered copy.
+_BLOCK_COPIES = 4
+
+
+def resolve_interval(interval: Interval | str) -> Interval:
+    if isinstance(interval, str):
+        try:
+            return NAMED_INTERVALS[interval]
+        except KeyError:
+            raise ValueError(
+                f"unknown MSM aggregation {interval!r}; use one of {sorted(NAMED_INTERVALS)} "
+                "or an interval (a, b) with 0 <= a <= b <= 1"
+            ) from None
+    lo, hi = (float(v) for v in interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"MSM interval must satisfy 0 <= a <= b <= 1, got {interval!r}")
+    return lo, hi
+
+
+def interval_slice(n: int, interval: Interval | str) -> slice:
+    """Positions kept from n ascending distances: [floor(a·n), max(start+1, floor(b·n)))."""
+    if n < 1:
+        raise ValueError("the interval average needs at least one scoring image")
+    lo, hi = resolve_interval(interval)
+    start = min(math.floor(lo * n), n - 1)
+    stop = min(n, max(start + 1, math.floor(hi * n)))
+    return slice(start, stop)
+
+
+def block_size(patches: int, memory_budget: int, itemsize: int = 4) -> int:
+    """Images per block so that one block pair's similarity tensors fit the budget."""
+    per_pair = _BLOCK_COPIES * patches * patches * itemsize
+    return max(1, math.isqrt(max(1, memory_budget // per_pair)))
+
+
+def _box_filter_last_grid(s: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
+    """r×r mean over the last patch grid of s (…×P), zero padded, zeros counted."""
+    h, w = grid
+    lead = s.shape[:-1]
+    x = s.reshape(-1, 1, h, w)
+    x = F.avg_pool2d(x, kernel_size=r, stride=1, padding=r // 2, count_include_pad=True)
+    return x.reshape(*lead, h * w)
+
+
+def _block_similarities(
+    gram: torch.Tensor, grid: tuple[int, int], r: int
+) -> tuple[torch.Tensor, bool]:
+    """Unnormalised degree-r similarities of one block from its r = 1 product.
+
+    gram: bi×P×bj×P. Returns the filtered tensor and whether it is transposed
+    (bj×P×bi×P), which is the layout after filtering the second grid.
+    """
+    if r == 1:
+        return gram, False
+    bi, p, bj, _ = gram.shape
+    x = _box_filter_last_grid(gram, grid, r)  # filter over image j's grid
+    x = x.permute(2, 3, 0, 1).contiguous()  # bj×P×bi×P
+    x = _box_filter_last_grid(x, grid, r)  # filter over image i's grid
+    return x, True
+
+
+def max_similarities(
+    queries: torch.Tensor,
+    keys: torch.Tensor | None,
+    degrees: Sequence[int],
+    *,
+    grid: tuple[int, int] | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """For each degree, query patch and key image: the best cosine similarity to that image.
+
+    queries: N×h×w×C layer-normed maps Y (or N×P×C with degrees == (1,)).
+    keys: M×h×w×C, or None to score the queries against themselves (symmetric: each image
+    pair is multiplied once; the self-pairs are set to −inf).
+    Returns R×N×P×M float32, ``max_n cos(B_r(Y_i)[m], B_r(Y_j)[n])``.
+    """
+    if dtype == torch.bfloat16:
+        raise ValueError("bfloat16 similarities lose rank order (SPEC §3); use float16 or float32")
+    degrees = tuple(degrees)
+    if queries.ndim == 3:
+        if degrees != (1,):
+            raise ValueError("degrees > 1 need the patch grid: pass N×h×w×C maps")
+        queries = queries.unsqueeze(2)
+        keys = None if keys is None else keys.unsqueeze(2)
+    n, h, w, c = queries.shape
+    p = h * w
+    grid = (h, w)
+    symmetric = keys is None
+    key_maps = queries if symmetric else keys
+    m = key_maps.shape[0]
+
+    q_flat = queries.reshape(n, p, c).to(dtype)
+    k_flat = key_maps.reshape(m, p, c).to(dtype)
+    q_norms = {r: lnamd.window_norms(queries.float(), r).reshape(n, p) for r in degrees}
+    k_norms = q_norms if symmetric else {
+        r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
+    }
+
+    out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
+    b = block_size(p, memory_budget)
+    q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
+    k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
+    pairs = [
+        (qi, kj)
+        for qi, qb in enumerate(q_blocks)
+        for kj, kb in enumerate(k_blocks)
+        if not symmetric or kj >= qi
+    ]
+    for done, (qi, kj) in enumerate(pairs, start=1):
+        i0, i1 = q_blocks[qi]
+        j0, j1 = k_blocks[kj]
+        bi, bj = i1 - i0, j1 - j0
+        # bi·P×C @ C×bj·P -> bi×P×bj×P, accumulated in `dtype`, filtered in float32
+        gram = (q_flat[i0:i1].reshape(bi * p, c) @ k_flat[j0:j1].reshape(bj * p, c).T)
+        gram = gram.float().reshape(bi, p, bj, p)
+        for ri, r in enumerate(degrees):
+            sim, transposed = _block_similarities(gram, grid, r)
+            qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
+            if transposed:  # bj×P×bi×P
+                sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
+                rows = sim.amax(dim=1).permute(1, 2, 0)  # bi×P×bj: query i vs key j
+                cols = sim.amax(dim=3) if symmetric else None  # bj×P×bi
+            else:  # bi×P×bj×P
+                sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
+                rows = sim.amax(dim=3)
+                cols = sim.amax(dim=1).permute(1, 2, 0) if symmetric else None
+            out[ri, i0:i1, :, j0:j1] = rows
+            if symmetric and kj != qi:
+                out[ri, j0:j1, :, i0:i1] = cols
+            del sim
+        del gram
+        if progress is not None:
+            progress(done, len(pairs))
+    if symmetric:
+        idx = torch.arange(n, device=out.device)
+        out[:, idx, :, idx] = -torch.inf
+    return out
+
+
+def interval_mean_distance(similarities: torch.Tensor, n_valid: int, interval: Interval | str) -> torch.Tensor:
+    """Mean of the kept distances. similarities: …×M (invalid entries −inf) -> … float64.
+
+    Distances ascend as similarities descend, so the kept positions are the top-k
+    similarities; only those are turned into distances √(2 − 2s).
+    """
+    keep = interval_slice(n_valid, interval)
+    top = torch.topk(similarities, k=keep.stop, dim=-1, largest=True, sorted=True).values
+    kept = top[..., keep.start : keep.stop].double()
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * kept, min=0.0)).mean(dim=-1)
+
+
+def scores_by_degree(
+    maps: torch.Tensor,
+    degrees: Sequence[int] = lnamd.DEGREES,
+    interval: Interval | str = PAPER_INTERVAL,
+    *,
+    references: torch.Tensor | None = None,
+    mode: Mode = "zero_shot",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.
+
+    maps: N×h×w×C layer-normed stage maps Y of the test images (:func:`lnamd.layer_norm_map`).
+    mode:
+      - ``zero_shot`` (MuSc): the pool of image i is every other test image.
+      - ``few_shot`` (appendix A.6): the pool is the other test images plus ``references``.
+      - ``musc_plus`` (MuSc+): the pool is ``references`` only and the interval average
+        becomes the minimum over references (``interval`` is ignored).
+    """
+    n = maps.shape[0]
+    kw = dict(memory_budget=memory_budget, dtype=dtype)
+    if mode in ("few_shot", "musc_plus") and (references is None or references.shape[0] == 0):
+        raise ValueError(f"MSM mode {mode!r} needs at least one normal reference image")
+    if mode == "musc_plus":
+        sims = max_similarities(maps, references, degrees, progress=progress, **kw)
+        return interval_mean_distance(sims, references.shape[0], "min")
+    if n < 2:
+        raise ValueError(
+            f"MSM needs at least 2 test images to score each other, got {n}: "
+            "a category with one image cannot be scored zero-shot"
+        )
+    sims = max_similarities(maps, None, degrees, progress=progress, **kw)
+    n_valid = n - 1
+    if mode == "few_shot":
+        ref_sims = max_similarities(maps, references, degrees, **kw)
+        sims = torch.cat([sims, ref_sims], dim=-1)
+        n_valid += references.shape[0]
+    elif mode != "zero_shot":
+        raise ValueError(f"unknown MSM mode {mode!r}; use zero_shot, few_shot or musc_plus")
+    return interval_mean_distance(sims, n_valid, interval)
+
+
+def mutual_scores(
+    z: torch.Tensor,
+    interval: Interval | str = PAPER_INTERVAL,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """MSM for one stage and degree on given LNAMD features. z: N×P×C unit vectors -> N×P float64."""
+    if z.ndim != 3:
+        raise ValueError(f"z must be N×P×C, got shape {tuple(z.shape)}")
+    return scores_by_degree(z.unsqueeze(2), (1,), interval, memory_budget=memory_budget)[0]
