@@ -17,7 +17,10 @@ How it is computed (all exact, see SPEC §3):
 - One product ``Y_i Y_jᵀ`` serves both directions: its row maxima score image i against j,
   its column maxima score j against i. Only blocks with J ≥ I are computed.
 - ``<B_r(Y_i)[m], B_r(Y_j)[n]>`` is the box filter of the r = 1 product over both patch grids,
-  so degrees 3 and 5 come from the same product (see :mod:`lnamd`).
+  so degrees 3 and 5 can come from the same product (``strategy="box_filter"``, see
+  :mod:`lnamd`). Measured here it does not pay on CPU or GPU for the backbones we ship
+  (filtering a P×P block costs more than a product of width C), so the default
+  ``per_degree`` multiplies the LNAMD features of each degree instead.
 - Image pairs are processed in blocks whose size is derived from a memory budget, so peak
   memory for the similarity blocks is bounded whatever N is. The per-pair result
   (R × N × P × N similarities) is what grows with N.
@@ -110,14 +113,17 @@ def _block_similarities(
     return x, True
 
 
+Strategy = Literal["per_degree", "box_filter"]
+
+
 def max_similarities(
     queries: torch.Tensor,
     keys: torch.Tensor | None,
     degrees: Sequence[int],
     *,
-    grid: tuple[int, int] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = torch.float32,
+    strategy: Strategy = "per_degree",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """For each degree, query patch and key image: the best cosine similarity to that image.
@@ -125,10 +131,18 @@ def max_similarities(
     queries: N×h×w×C layer-normed maps Y (or N×P×C with degrees == (1,)).
     keys: M×h×w×C, or None to score the queries against themselves (symmetric: each image
     pair is multiplied once; the self-pairs are set to −inf).
+    strategy:
+      - ``per_degree``: one product Z_{r,i} Z_{r,j}ᵀ per degree on the LNAMD features.
+      - ``box_filter``: one product Y_i Y_jᵀ per pair, box-filtered over both grids for
+        r > 1. Exact too; it trades (|R| − 1) products of width C for 2·|R−1| box filters of
+        the P×P block, which pays only when C is large and filtering is cheap
+        (``benchmarks/msm.py`` measures both).
     Returns R×N×P×M float32, ``max_n cos(B_r(Y_i)[m], B_r(Y_j)[n])``.
     """
     if dtype == torch.bfloat16:
         raise ValueError("bfloat16 similarities lose rank order (SPEC §3); use float16 or float32")
+    if strategy not in ("per_degree", "box_filter"):
+        raise ValueError(f"unknown MSM strategy {strategy!r}")
     degrees = tuple(degrees)
     if queries.ndim == 3:
         if degrees != (1,):
@@ -142,39 +156,56 @@ def max_similarities(
     key_maps = queries if symmetric else keys
     m = key_maps.shape[0]
 
-    q_flat = queries.reshape(n, p, c).to(dtype)
-    k_flat = key_maps.reshape(m, p, c).to(dtype)
-    q_norms = {r: lnamd.window_norms(queries.float(), r).reshape(n, p) for r in degrees}
-    k_norms = q_norms if symmetric else {
-        r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
-    }
+    if strategy == "per_degree":
+        # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so the product is the cosine directly
+        q_feats = [F.normalize(lnamd.window_mean(queries.float(), r), dim=-1).reshape(n, p, c).to(dtype) for r in degrees]
+        k_feats = q_feats if symmetric else [
+            F.normalize(lnamd.window_mean(key_maps.float(), r), dim=-1).reshape(m, p, c).to(dtype) for r in degrees
+        ]
+        copies = 1
+    else:
+        q_feats = [queries.reshape(n, p, c).to(dtype)]
+        k_feats = q_feats if symmetric else [key_maps.reshape(m, p, c).to(dtype)]
+        q_norms = {r: lnamd.window_norms(queries.float(), r).reshape(n, p) for r in degrees}
+        k_norms = q_norms if symmetric else {
+            r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
+        }
+        copies = _BLOCK_COPIES
 
     out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
-    b = block_size(p, memory_budget)
+    b = block_size(p, memory_budget // copies)
     q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
     k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
     pairs = [
         (qi, kj)
-        for qi, qb in enumerate(q_blocks)
-        for kj, kb in enumerate(k_blocks)
+        for qi in range(len(q_blocks))
+        for kj in range(len(k_blocks))
         if not symmetric or kj >= qi
     ]
+
+    def product(feats_q: torch.Tensor, feats_k: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P, accumulated in `dtype`, reduced in float32
+        prod = feats_q[i0:i1].reshape(-1, c) @ feats_k[j0:j1].reshape(-1, c).T
+        return prod.float().reshape(i1 - i0, p, j1 - j0, p)
+
     for done, (qi, kj) in enumerate(pairs, start=1):
         i0, i1 = q_blocks[qi]
         j0, j1 = k_blocks[kj]
-        bi, bj = i1 - i0, j1 - j0
-        # bi·P×C @ C×bj·P -> bi×P×bj×P, accumulated in `dtype`, filtered in float32
-        gram = (q_flat[i0:i1].reshape(bi * p, c) @ k_flat[j0:j1].reshape(bj * p, c).T)
-        gram = gram.float().reshape(bi, p, bj, p)
+        gram = product(q_feats[0], k_feats[0], i0, i1, j0, j1) if strategy == "box_filter" else None
         for ri, r in enumerate(degrees):
-            sim, transposed = _block_similarities(gram, grid, r)
-            qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
+            if strategy == "per_degree":
+                sim, transposed = product(q_feats[ri], k_feats[ri], i0, i1, j0, j1), False
+            else:
+                sim, transposed = _block_similarities(gram, grid, r)
+                qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
+                if transposed:  # bj×P×bi×P
+                    sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
+                else:
+                    sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
             if transposed:  # bj×P×bi×P
-                sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
                 rows = sim.amax(dim=1).permute(1, 2, 0)  # bi×P×bj: query i vs key j
                 cols = sim.amax(dim=3) if symmetric else None  # bj×P×bi
             else:  # bi×P×bj×P
-                sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
                 rows = sim.amax(dim=3)
                 cols = sim.amax(dim=1).permute(1, 2, 0) if symmetric else None
             out[ri, i0:i1, :, j0:j1] = rows
@@ -211,6 +242,7 @@ def scores_by_degree(
     mode: Mode = "zero_shot",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = torch.float32,
+    strategy: Strategy = "per_degree",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.
@@ -223,7 +255,7 @@ def scores_by_degree(
         becomes the minimum over references (``interval`` is ignored).
     """
     n = maps.shape[0]
-    kw = dict(memory_budget=memory_budget, dtype=dtype)
+    kw = dict(memory_budget=memory_budget, dtype=dtype, strategy=strategy)
     if mode in ("few_shot", "musc_plus") and (references is None or references.shape[0] == 0):
         raise ValueError(f"MSM mode {mode!r} needs at least one normal reference image")
     if mode == "musc_plus":

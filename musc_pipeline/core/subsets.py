@@ -21,11 +21,15 @@ def divide(defect_types: Sequence[str], s: int, seed: int = 0) -> list[np.ndarra
     rng = np.random.default_rng(seed)
     types = np.asarray(defect_types)
     buckets: list[list[int]] = [[] for _ in range(s)]
+    # One deal across all types (the position carries over from type to type), so every
+    # type is spread evenly and the subset sizes differ by at most one image.
+    pos = 0
     for t in sorted(set(defect_types)):
         idx = np.flatnonzero(types == t)
         rng.shuffle(idx)
-        for pos, i in enumerate(idx):
+        for i in idx:
             buckets[pos % s].append(int(i))
+            pos += 1
     subsets = [np.sort(np.asarray(b, dtype=np.int64)) for b in buckets]
     small = [len(b) for b in subsets if len(b) < 2]
     if small:

@@ -1,0 +1,428 @@
+"""The per-category asset graph of one profile, one asset per stage of SPEC.md.
+
+    image_manifest -> backbone_features -> lnamd_features -> msm_scores -> anomaly_maps
+                   -> rscin_scores -> category_metrics          (partitioned: dataset/category)
+    category_metrics -> metrics_table, regression_comparison      (all categories of the profile)
+
+Assets stay thin: read inputs, call :mod:`musc_pipeline.core`, return what they computed with
+metadata for the UI. Code versions are hashes of exactly the settings each stage depends on,
+so editing a profile in ``musc.yaml`` marks exactly the affected stages stale.
+"""
+
+
+import json
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    MetadataValue,
+    Output,
+    StaticPartitionsDefinition,
+    asset,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+)
+
+from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, subsets
+from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.resources.backbone import ModelResource, resolve_name
+from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask, scan_category
+from musc_pipeline.resources.storage import ArrayBundle
+from musc_pipeline.settings import ProfileSettings, Settings, fingerprint
+from musc_pipeline.assets.partitions import split_key
+
+#: Bump an entry when the code of that stage changes its results.
+CODE_REVISION = {"manifest": 1, "features": 1, "lnamd": 1, "msm": 1, "maps": 1, "rscin": 1, "metrics": 1}
+#: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
+MODEL_POOL = "musc_model"
+
+
+def _progress(context: AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+    state = {"next": 0.0}
+
+    def report(done: int, total: int) -> None:
+        if done >= total or done / total >= state["next"]:
+            context.log.info(f"{what}: {done}/{total}")
+            state["next"] = done / total + 0.1
+
+    return report
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_gpu_mb() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def _timing(seconds: float, n: int) -> dict[str, str]:
+    return {"seconds": f"{seconds:.3f}", "ms_per_image": f"{1000 * seconds / max(n, 1):.1f}",
+            "peak_rss_mb": f"{_peak_rss_mb():.0f}", "peak_gpu_mb": str(_peak_gpu_mb())}
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def map_preview_png(amap: np.ndarray) -> str:
+    """A small anomaly-map preview as a Markdown image (data URI), for the UI."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6, 1.6), dpi=64)
+    ax.imshow(amap, cmap="jet")
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0)
+    plt.close(fig)
+    return f"![anomaly map](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def backbone_fingerprint(profile: ProfileSettings) -> str:
+    """Hash of what determines the features: backbone settings and what 'auto' resolves to."""
+    return fingerprint(profile.backbone, resolve_name(profile.backbone.name))
+
+
+def build_profile_assets(
+    name: str, profile: ProfileSettings, settings: Settings, partitions: StaticPartitionsDefinition
+) -> list:
+    """All assets of one profile (asset keys prefixed with the profile name)."""
+    method = profile.method
+    backbone_fp = backbone_fingerprint(profile)
+    versions = {
+        "manifest": fingerprint(CODE_REVISION["manifest"]),
+        "features": fingerprint(CODE_REVISION["features"], backbone_fp),
+        "lnamd": fingerprint(CODE_REVISION["lnamd"], backbone_fp),
+        "msm": fingerprint(CODE_REVISION["msm"], backbone_fp, json.dumps([
+            method.degrees, method.interval, method.subsets, method.subset_seed, method.mode, method.references])),
+        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma)),
+        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows)),
+        "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
+    }
+    common = dict(key_prefix=[name], group_name=name, partitions_def=partitions)
+
+    def key(asset: str) -> AssetKey:
+        return AssetKey([name, asset])
+
+    def where(context: AssetExecutionContext):
+        return split_key(settings, context.partition_key)
+
+    @asset(name="image_manifest", io_manager_key="tables", code_version=versions["manifest"],
+           kinds={"parquet"}, **common)
+    def image_manifest(context: AssetExecutionContext) -> Output[pd.DataFrame]:
+        """Test images of the category: path, defect type, label, mask path, size, mode, sha1.
+
+        Every image is decoded and every mask size-checked here, so bad input stops the
+        partition before anything else is written.
+        """
+        dataset, cfg, category = where(context)
+        df = scan_category(cfg.root, cfg.layout, category)
+        df.insert(0, "category", category)
+        df.insert(0, "dataset", dataset)
+        df.insert(0, "profile", name)
+        labels = df["label"]
+        return Output(df, metadata={
+            "rows": len(df),
+            "anomalous": int((labels == 1).sum()),
+            "normal": int((labels == 0).sum()),
+            "unlabeled": int(labels.isna().sum()),
+            "with_masks": int(df["mask_path"].notna().sum()),
+            "root": MetadataValue.path(cfg.root),
+        })
+
+    @asset(name="backbone_features", io_manager_key="arrays", code_version=versions["features"],
+           ins={"manifest": AssetIn(key("image_manifest"))}, kinds={"pytorch", "safetensors"}, pool=MODEL_POOL,
+           check_specs=[AssetCheckSpec("features_shape", asset=key("backbone_features"),
+                                       description="one row per image, all taps on one grid")], **common)
+    def backbone_features(context: AssetExecutionContext, model: ModelResource, manifest: pd.DataFrame):
+        """Patch tokens of the 4 stage taps (tap0..tap3, N×h×w×C) and class tokens (N×D)."""
+        images = (read_image(p) for p in manifest["path"])
+        emb = model.embed(profile.backbone, images, len(manifest), _progress(context, "images embedded"))
+        arrays = {f"tap{i}": t for i, t in enumerate(emb.taps)} | {"class_tokens": emb.class_tokens}
+        for k, v in arrays.items():
+            bad = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+            if bad.any():
+                files = ", ".join(manifest["path"][bad].head(5))
+                raise ValueError(f"backbone {emb.identity.backbone} produced NaN/inf features ({k}) for: {files}")
+        ident = emb.identity.as_dict()
+        bundle = ArrayBundle(arrays, {"identity": json.dumps(ident), "timing": json.dumps(_timing(emb.seconds, len(manifest))),
+                                      "image_ids": json.dumps(list(manifest["image_id"]))})
+        meta = {f"identity/{k}": str(v) for k, v in ident.items()} | {
+            "shapes": MetadataValue.json(bundle.describe()),
+            "ms_per_image": 1000 * emb.seconds / len(manifest),
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        if ident["random_init"]:
+            meta["WARNING"] = "randomly initialised backbone: features are not from a pretrained model"
+        yield Output(bundle, metadata=meta)
+        grids = {t.shape[1:3] for t in emb.taps}
+        yield AssetCheckResult(
+            check_name="features_shape", passed=len(grids) == 1 and all(len(t) == len(manifest) for t in arrays.values()),
+            metadata={"shapes": MetadataValue.json(bundle.describe()), "images": len(manifest)},
+        )
+
+    @asset(name="lnamd_features", io_manager_key="arrays", code_version=versions["lnamd"],
+           ins={"features": AssetIn(key("backbone_features"))}, kinds={"pytorch", "safetensors"}, **common)
+    def lnamd_features(context: AssetExecutionContext, features: ArrayBundle) -> Output[ArrayBundle]:
+        """LNAMD input per stage: Y_l = LayerNorm(F_l) over the whole map (N×h×w×C).
+
+        Z_{l,r} = B_r(Y_l)/‖B_r(Y_l)‖ for every degree r is one cheap linear step away
+        (:func:`musc_pipeline.core.lnamd.aggregate`); MSM scores all degrees from Y_l with
+        one product per image pair, so Y_l is what is stored.
+        """
+        start = time.perf_counter()
+        ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(features.arrays[f"tap{i}"])).numpy() for i in range(4)}
+        n = ys["y0"].shape[0]
+        timing = _timing(time.perf_counter() - start, n)
+        bundle = ArrayBundle(ys, features.meta | {"timing": json.dumps(timing)})
+        return Output(bundle, metadata={"shapes": MetadataValue.json(bundle.describe()), "ms_per_image": float(timing["ms_per_image"])})
+
+    @asset(name="msm_scores", io_manager_key="arrays", code_version=versions["msm"],
+           ins={"lnamd_maps": AssetIn(key("lnamd_features")), "manifest": AssetIn(key("image_manifest"))},
+           kinds={"pytorch", "safetensors"}, pool=MODEL_POOL, **common)
+    def msm_scores(context: AssetExecutionContext, model: ModelResource, lnamd_maps: ArrayBundle,
+                   manifest: pd.DataFrame) -> Output[ArrayBundle]:
+        """Mutual scores s_{l,r}(i, m) per stage l and degree r: N×L×R×P (float32).
+
+        Stored per stage and degree so ablations re-aggregate without recomputing.
+        """
+        start = time.perf_counter()
+        device = model.torch_device
+        ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
+        n, h, w, _ = ys[0].shape
+        refs = _reference_maps(model, profile, method) if method.mode != "zero_shot" else None
+        groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed)
+        out = np.zeros((n, 4, len(method.degrees), h * w), dtype=np.float32)
+        for gi, idx in enumerate(groups):
+            for l, y in enumerate(ys):
+                what = f"image pairs scored (subset {gi + 1}/{len(groups)}, stage {l + 1}/4)"
+                s = msm.scores_by_degree(
+                    y[idx].to(device), method.degrees, method.interval,
+                    references=None if refs is None else refs[l].to(device), mode=method.mode,
+                    memory_budget=model.msm_memory_budget_mb * 2**20, dtype=model.msm_dtype,
+                    progress=_progress(context, what),
+                )  # R×n_sub×P
+                out[idx, l] = s.permute(1, 0, 2).float().cpu().numpy()
+        if not np.isfinite(out).all():
+            raise ValueError("MSM produced non-finite scores")
+        timing = _timing(time.perf_counter() - start, n)
+        bundle = ArrayBundle({"scores": out}, {
+            "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
+            "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
+            "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
+        })
+        return Output(bundle, metadata={"shape": str(list(out.shape)), "ms_per_image": float(timing["ms_per_image"]),
+                                        "peak_rss_mb": _peak_rss_mb()})
+
+    @asset(name="anomaly_maps", io_manager_key="arrays", code_version=versions["maps"],
+           ins={"scores": AssetIn(key("msm_scores")), "features": AssetIn(key("backbone_features"))},
+           kinds={"pytorch", "safetensors"}, **common)
+    def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle) -> Output[ArrayBundle]:
+        """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
+        start = time.perf_counter()
+        ident = json.loads(features.meta["identity"])
+        grid = tuple(json.loads(scores.meta["grid"]))
+        patch = maps.patch_scores(torch.from_numpy(scores.arrays["scores"]))
+        amaps = maps.anomaly_maps(patch, grid, ident["image_size"], method.smoothing_sigma)
+        image = maps.image_scores(amaps)
+        timing = _timing(time.perf_counter() - start, len(image))
+        bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
+                             {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
+        top = int(torch.argmax(image))
+        return Output(bundle, metadata={"shape": str(list(amaps.shape)),
+                                        "preview (highest-scoring image)": MetadataValue.md(map_preview_png(amaps[top].numpy()))})
+
+    @asset(name="rscin_scores", io_manager_key="tables", code_version=versions["rscin"],
+           ins={"amaps": AssetIn(key("anomaly_maps")), "features": AssetIn(key("backbone_features")),
+                "manifest": AssetIn(key("image_manifest"))}, kinds={"parquet"}, **common)
+    def rscin_scores(context: AssetExecutionContext, amaps: ArrayBundle, features: ArrayBundle,
+                     manifest: pd.DataFrame) -> Output[pd.DataFrame]:
+        """Per image: the MSM image score and the RsCIN re-scored one (one table row each)."""
+        dataset, _, _ = where(context)
+        windows = method.rscin_windows or rscin.windows_for(dataset)
+        c = torch.from_numpy(amaps.arrays["image_scores"])
+        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows)
+        df = manifest[["profile", "dataset", "category", "image_id", "path", "defect_type", "label"]].copy()
+        df["score_msm"] = c.double().numpy()
+        df["score_rscin"] = rescored.numpy()
+        df["rscin_windows"] = json.dumps(list(windows))
+        ident = json.loads(features.meta["identity"])
+        df["backbone"] = ident["backbone"]
+        df["random_init"] = bool(ident["random_init"])
+        return Output(df, metadata={"rows": len(df), "windows": str(list(windows))})
+
+    @asset(name="category_metrics", io_manager_key="tables", code_version=versions["metrics"],
+           ins={"scores": AssetIn(key("rscin_scores")), "amaps": AssetIn(key("anomaly_maps")),
+                "manifest": AssetIn(key("image_manifest")), "features": AssetIn(key("backbone_features")),
+                "msm_out": AssetIn(key("msm_scores"))},
+           kinds={"parquet"}, check_specs=[
+               AssetCheckSpec("metrics_in_unit_interval", asset=key("category_metrics")),
+               AssetCheckSpec("regression_vs_previous", asset=key("category_metrics"),
+                              description=f"warn when a metric moved by more than {REGRESSION_TOLERANCE} since the last run"),
+               AssetCheckSpec("paper_reference", asset=key("category_metrics"),
+                              description=f"MVTec AD / VisA: warn when more than {PAPER_TOLERANCE} from the paper"),
+           ], **common)
+    def category_metrics(context: AssetExecutionContext, scores: pd.DataFrame, amaps: ArrayBundle,
+                         manifest: pd.DataFrame, features: ArrayBundle, msm_out: ArrayBundle):
+        """Image AUROC/F1-max/AP (RsCIN scores) and pixel AUROC/F1-max/AP/PRO, one row."""
+        dataset, _, category = where(context)
+        size = int(amaps.meta["image_size"])
+        labels = scores["label"]
+        notes: list[str] = []
+        if labels.isna().any():
+            values = {k: math.nan for k in metrics.IMAGE_METRICS + metrics.PIXEL_METRICS}
+            notes.append("unlabeled images: metrics n/a")
+        else:
+            img = metrics.image_metrics(labels.to_numpy(int), scores["score_rscin"].to_numpy())
+            values, notes = dict(img.values), list(img.notes)
+            if manifest.loc[manifest["label"] == 1, "mask_path"].isna().any():
+                values |= {k: math.nan for k in metrics.PIXEL_METRICS}
+                notes.append("no ground-truth masks: pixel metrics n/a")
+            else:
+                gt = np.zeros(amaps.arrays["maps"].shape, dtype=bool)
+                for i, row in enumerate(manifest.itertuples()):
+                    if isinstance(row.mask_path, str):
+                        gt[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), size, method.mask_rule)
+                px = metrics.pixel_metrics(gt, amaps.arrays["maps"])
+                values |= px.values
+                notes += px.notes
+        ident = json.loads(features.meta["identity"])
+        n = len(scores)
+        row = {"profile": name, "dataset": dataset, "category": category, **values,
+               "n_images": n, "n_anomalous": int((labels == 1).sum()), "notes": "; ".join(notes),
+               "backbone": ident["backbone"], "weights_sha256": ident["weights_sha256"] or "",
+               "random_init": bool(ident["random_init"]), "image_size": ident["image_size"],
+               "mask_rule": method.mask_rule, "config": fingerprint(profile),
+               "materialized_at": datetime.now(timezone.utc).isoformat()}
+        for stage, meta in (("features", features.meta), ("msm", msm_out.meta), ("maps", amaps.meta)):
+            t = json.loads(meta.get("timing", "{}"))
+            row[f"{stage}_ms_per_image"] = float(t.get("ms_per_image", "nan"))
+        row["peak_rss_mb"] = _peak_rss_mb()
+        previous = _previous_metrics(context, key("category_metrics"))
+        for k in metrics.IMAGE_METRICS + metrics.PIXEL_METRICS:
+            row[f"previous_{k}"] = previous.get(k, math.nan)
+        row["previous_backbone"] = previous.get("backbone", "")
+        df = pd.DataFrame([row])
+        table = df[["dataset", "category", *metrics.IMAGE_METRICS, *metrics.PIXEL_METRICS]]
+        meta = {"metrics": MetadataValue.md(_md_table(table)), "notes": "; ".join(notes) or "none"}
+        meta |= {k: MetadataValue.float(float(v)) for k, v in values.items()}
+        meta["backbone"] = ident["backbone"]
+        yield Output(df, metadata=meta)
+        yield from metric_checks(row, previous)
+
+    return [image_manifest, backbone_features, lnamd_features, msm_scores, anomaly_maps, rscin_scores, category_metrics]
+
+
+REGRESSION_TOLERANCE = 0.02
+PAPER_TOLERANCE = 0.05
+REFERENCE_CSV = Path(__file__).resolve().parents[1] / "reports" / "reference_results.csv"
+
+
+def metric_checks(row: dict, previous: dict):
+    """Check results of one category's metrics row."""
+    names = metrics.IMAGE_METRICS + metrics.PIXEL_METRICS
+    values = {k: row[k] for k in names}
+    out_of_range = [k for k, v in values.items() if not (math.isnan(v) or 0.0 <= v <= 1.0)]
+    yield AssetCheckResult(check_name="metrics_in_unit_interval", passed=not out_of_range,
+                           metadata={"out_of_range": ", ".join(out_of_range) or "none"})
+    moved = {k: values[k] - previous[k] for k in names
+             if k in previous and not math.isnan(values[k]) and not math.isnan(previous[k])
+             and abs(values[k] - previous[k]) > REGRESSION_TOLERANCE}
+    yield AssetCheckResult(check_name="regression_vs_previous", passed=not moved, severity=AssetCheckSeverity.WARN,
+                           metadata={"compared_with_previous": bool(previous),
+                                     "moved": MetadataValue.json({k: round(v, 4) for k, v in moved.items()})})
+    ref = reference_row(row["dataset"], row["category"])
+    far = {k: values[k] - ref[k] for k in ref
+           if not math.isnan(values[k]) and abs(values[k] - ref[k]) > PAPER_TOLERANCE}
+    yield AssetCheckResult(check_name="paper_reference", passed=not far, severity=AssetCheckSeverity.WARN,
+                           metadata={"has_reference": bool(ref),
+                                     "beyond_tolerance": MetadataValue.json({k: round(v, 4) for k, v in far.items()})})
+
+
+def reference_row(dataset: str, category: str) -> dict[str, float]:
+    """The paper's numbers for a category (fractions), or {} where the paper has none."""
+    if not REFERENCE_CSV.is_file():
+        return {}
+    ref = pd.read_csv(REFERENCE_CSV)
+    hit = ref[(ref["dataset"] == dataset) & (ref["category"] == category)]
+    if hit.empty:
+        return {}
+    r = hit.iloc[0]
+    return {k: float(r[k]) / 100.0 for k in metrics.IMAGE_METRICS + metrics.PIXEL_METRICS}
+
+
+def _previous_metrics(context: AssetExecutionContext, asset_key: AssetKey) -> dict:
+    """Metric values recorded by the previous materialization of this partition (if any)."""
+    from dagster import AssetRecordsFilter
+
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=asset_key, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        return {}
+    meta = records[0].asset_materialization.metadata
+    out = {k: v.value for k, v in meta.items() if k in metrics.IMAGE_METRICS + metrics.PIXEL_METRICS}
+    if "backbone" in meta:
+        out["backbone"] = meta["backbone"].value
+    return out
+
+
+def _reference_maps(model: ModelResource, profile: ProfileSettings, method) -> list[torch.Tensor]:
+    """Layer-normed stage maps of the normal reference images (few-shot, MuSc+)."""
+    if not method.references:
+        raise ValueError(f"MSM mode {method.mode!r} needs method.references: a folder of normal images")
+    folder = Path(method.references)
+    paths = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(f"{folder}: no reference images found")
+    emb = model.embed(profile.backbone, (read_image(p) for p in paths), len(paths))
+    return [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
+
+
+def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFrame) -> dict[str, str]:
+    """Facts for the report: backbone identity, method config, timings, memory, versions, date."""
+    import importlib.metadata as md
+
+    facts = {"profile": profile_name, "description": profile.description}
+    if len(metrics_df):
+        first = metrics_df.iloc[0]
+        facts |= {"backbone": str(first["backbone"]), "weights sha256": str(first["weights_sha256"]) or "n/a (random)",
+                  "randomly initialised": str(bool(first["random_init"])), "image size": str(first["image_size"]),
+                  "mask rule": str(first["mask_rule"])}
+        for stage in ("features", "msm", "maps"):
+            col = f"{stage}_ms_per_image"
+            facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
+        facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
+    facts["method"] = profile.method.model_dump_json()
+    facts["backbone settings"] = profile.backbone.model_dump_json()
+    facts["subsets"] = str(profile.method.subsets)
+    for pkg in ("torch", "open_clip_torch", "timm", "dagster"):
+        facts[f"version: {pkg}"] = md.version(pkg)
+    facts["python"] = platform.python_version()
+    facts["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return facts

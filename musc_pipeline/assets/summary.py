@@ -1,0 +1,160 @@
+"""Assets over all categories: metric tables, figures, the DuckDB catalog and the HTML report."""
+
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from dagster import (
+    AllPartitionMapping,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from musc_pipeline.assets.partitions import split_key
+from musc_pipeline.assets.pipeline import _md_table, run_facts
+from musc_pipeline.core import metrics
+from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.reports import figures, render
+from musc_pipeline.resources.datasets import read_image, read_mask
+from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
+from musc_pipeline.settings import ProfileSettings, Settings
+
+METRIC_COLUMNS = list(metrics.IMAGE_METRICS + metrics.PIXEL_METRICS)
+_ALL = {"allow_missing_partitions": True}
+
+
+def with_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-category rows plus one 'mean' row per dataset (mean of categories, NaN-aware)."""
+    rows = [df]
+    for dataset, part in df.groupby("dataset", sort=True):
+        mean = {"dataset": dataset, "category": "mean", **part[METRIC_COLUMNS].mean(numeric_only=True).to_dict()}
+        rows.append(pd.DataFrame([mean]))
+    return pd.concat(rows, ignore_index=True)
+
+
+def build_profile_summary(name: str, profile: ProfileSettings, settings: Settings,
+                          partitions: StaticPartitionsDefinition) -> list:
+    def key(asset_name: str) -> AssetKey:
+        return AssetKey([name, asset_name])
+
+    @asset(name="metrics_table", key_prefix=[name], group_name=name, io_manager_key="tables", kinds={"parquet"},
+           ins={"per_category": AssetIn(key("category_metrics"), partition_mapping=AllPartitionMapping(), metadata=_ALL)})
+    def metrics_table(per_category: dict[str, pd.DataFrame]) -> Output[pd.DataFrame]:
+        """All categories' metrics of this profile with dataset means, like the paper's tables."""
+        if not per_category:
+            raise ValueError(f"profile {name!r}: no category has been materialized yet")
+        df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
+        table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
+        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(_md_table(table))})
+
+    @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
+           kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
+    def regression_comparison(table: pd.DataFrame) -> Output[pd.DataFrame]:
+        """Before/after table: each category's metrics against its previous materialization."""
+        rows = []
+        for r in table.itertuples():
+            for m in METRIC_COLUMNS:
+                before, after = getattr(r, f"previous_{m}"), getattr(r, m)
+                rows.append({"dataset": r.dataset, "category": r.category, "metric": m, "before": before,
+                             "after": after, "delta": after - before, "before_backbone": r.previous_backbone,
+                             "after_backbone": r.backbone})
+        df = pd.DataFrame(rows)
+        changed = df[df["delta"].abs() > 1e-9]
+        return Output(df, metadata={"changed_values": len(changed),
+                                    "largest_changes": MetadataValue.md(_md_table(
+                                        changed.reindex(changed["delta"].abs().sort_values(ascending=False).index).head(15)))
+                                    if len(changed) else "no change"})
+
+    @asset(name="category_figures", key_prefix=[name], group_name=name, partitions_def=partitions, kinds={"matplotlib"},
+           ins={"amaps": AssetIn(key("anomaly_maps")), "scores": AssetIn(key("rscin_scores")),
+                "manifest": AssetIn(key("image_manifest"))})
+    def category_figures(context: AssetExecutionContext, amaps: ArrayBundle, scores: pd.DataFrame,
+                         manifest: pd.DataFrame) -> MaterializeResult:
+        """Qualitative maps, score histograms and ROC/PR curves of one category (PNG files)."""
+        dataset, _, category = split_key(settings, context.partition_key)
+        out_dir = figure_dir(settings, name, dataset, category)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        size = int(amaps.meta["image_size"])
+        labels = scores["label"].fillna(-1).to_numpy(int)
+        maps_ = amaps.arrays["maps"]
+        masks = None
+        if manifest["label"].notna().all() and not manifest.loc[manifest["label"] == 1, "mask_path"].isna().any():
+            masks = np.zeros(maps_.shape, dtype=bool)
+            for i, row in enumerate(manifest.itertuples()):
+                if isinstance(row.mask_path, str):
+                    masks[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), size)
+        images = [read_image(p) for p in manifest["path"]]
+        s = scores["score_rscin"].to_numpy()
+        made = {
+            "qualitative": figures.qualitative(out_dir, "qualitative", images, masks, maps_, s, labels, list(manifest["image_id"])),
+            "histograms": figures.histograms(out_dir, "histograms", s, labels, maps_, masks),
+            "curves": figures.curves(out_dir, "curves", s, labels),
+        }
+        made = {k: str(Path(v).name) for k, v in made.items() if v}
+        (out_dir / "figures.json").write_text(json.dumps(made))
+        return MaterializeResult(metadata={"figures": MetadataValue.json(made), "folder": MetadataValue.path(str(out_dir))})
+
+    return [metrics_table, regression_comparison, category_figures]
+
+
+def figure_dir(settings: Settings, profile: str, dataset: str, category: str) -> Path:
+    safe = render.slug(category)
+    return Path(settings.reports_dir) / "figures" / render.slug(profile) / render.slug(dataset) / safe
+
+
+def build_global_assets(settings: Settings) -> list:
+    profiles = list(settings.profiles)
+
+    @asset(name="results_catalog", group_name="reports", kinds={"duckdb"},
+           deps=[AssetKey([p, t]) for p in profiles for t in ("image_manifest", "rscin_scores", "category_metrics")])
+    def results_catalog() -> MaterializeResult:
+        """DuckDB database of views over every profile's Parquet tables (rebuilt, never appended)."""
+        if "://" in settings.storage:
+            raise ValueError("the DuckDB catalog is built on a local or mounted storage path")
+        db = rebuild_catalog(settings.storage)
+        import duckdb
+
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+            counts = {v: con.execute(f"SELECT count(*) FROM {v}").fetchone()[0] for v in views}
+        finally:
+            con.close()
+        return MaterializeResult(metadata={"path": MetadataValue.path(str(db)), "rows": MetadataValue.json(counts)})
+
+    @asset(name="html_report", group_name="reports", kinds={"html"},
+           ins={f"table_{p}": AssetIn(AssetKey([p, "metrics_table"])) for p in profiles},
+           deps=[AssetKey([p, "category_figures"]) for p in profiles])
+    def html_report(context: AssetExecutionContext, **tables: pd.DataFrame) -> MaterializeResult:
+        """Static HTML: per-run paper-format tables, figures, run facts, and a run comparison."""
+        out_dir = Path(settings.reports_dir)
+        runs = []
+        for p in profiles:
+            df = tables[f"table_{p}"]
+            figs = {}
+            for r in df.itertuples():
+                folder = figure_dir(settings, p, r.dataset, r.category)
+                listing = folder / "figures.json"
+                if listing.is_file():
+                    figs[(r.dataset, r.category)] = {
+                        k: os.path.relpath(folder / v, out_dir) for k, v in json.loads(listing.read_text()).items()
+                    }
+            runs.append(render.RunData(
+                profile=p, description=settings.profiles[p].description, metrics=df,
+                facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
+            ))
+        reference = render.load_reference(Path(__file__).resolve().parents[1] / "reports" / "reference_results.csv")
+        index = render.render_reports(out_dir, runs, reference)
+        context.log.info(f"report written to {index}")
+        return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
+
+    return [results_catalog, html_report]

@@ -1,0 +1,78 @@
+"""Jobs, schedules and sensors: per-profile category runs and regression benchmarks."""
+
+
+import json
+
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SkipReason,
+    StaticPartitionsDefinition,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+from musc_pipeline.assets.pipeline import backbone_fingerprint
+from musc_pipeline.settings import Settings
+
+PER_CATEGORY = ("image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
+                "rscin_scores", "category_metrics", "category_figures")
+
+
+def category_job(profile: str):
+    """All per-category stages of one profile; run per partition (the regression benchmark)."""
+    return define_asset_job(
+        name=f"{profile}_categories",
+        selection=AssetSelection.assets(*[AssetKey([profile, a]) for a in PER_CATEGORY]),
+        description=f"Materialize every per-category stage of profile {profile!r} for the chosen partitions.",
+    )
+
+
+def build_automation(settings: Settings, partitions: StaticPartitionsDefinition):
+    jobs = {p: category_job(p) for p in settings.profiles}
+    summary_job = define_asset_job(
+        name="reports", selection=AssetSelection.groups("reports")
+        | AssetSelection.assets(*[AssetKey([p, a]) for p in settings.profiles for a in ("metrics_table", "regression_comparison")]),
+        description="Rebuild the metric tables, the DuckDB catalog and the HTML report.",
+    )
+    schedules, sensors = [], []
+    for profile, job in jobs.items():
+        @schedule(name=f"{profile}_weekly_regression", job=job, cron_schedule="0 3 * * 0",
+                  default_status=DefaultScheduleStatus.STOPPED)
+        def weekly(context: ScheduleEvaluationContext, _profile=profile):
+            """Weekly regression benchmark: re-run every category of the profile."""
+            for key in partitions.get_partition_keys():
+                yield RunRequest(run_key=f"{_profile}-{context.scheduled_execution_time:%Y%m%d}-{key}",
+                                 partition_key=key, tags={"musc/trigger": "schedule"})
+
+        schedules.append(weekly)
+
+    fingerprints = {p: backbone_fingerprint(prof) for p, prof in settings.profiles.items()}
+
+    @sensor(name="backbone_change_sensor", jobs=list(jobs.values()), minimum_interval_seconds=60,
+            default_status=DefaultSensorStatus.STOPPED)
+    def backbone_change_sensor(context: SensorEvaluationContext):
+        """When a profile's backbone configuration changes, re-run its materialized categories.
+
+        The comparison of old and new metrics lands in ``<profile>/regression_comparison``.
+        """
+        seen = json.loads(context.cursor) if context.cursor else {}
+        requests = []
+        for profile, fp in fingerprints.items():
+            if profile in seen and seen[profile] != fp:
+                done = context.instance.get_materialized_partitions(AssetKey([profile, "category_metrics"]))
+                for key in sorted(done & set(partitions.get_partition_keys())):
+                    requests.append(RunRequest(run_key=f"{profile}-{fp}-{key}", job_name=jobs[profile].name,
+                                               partition_key=key, tags={"musc/trigger": "backbone_change",
+                                                                        "musc/previous_backbone": seen[profile]}))
+        context.update_cursor(json.dumps(fingerprints))
+        return requests or SkipReason("no backbone configuration changed")
+
+    sensors.append(backbone_change_sensor)
+    return [*jobs.values(), summary_job], schedules, sensors

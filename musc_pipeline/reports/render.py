@@ -1,0 +1,423 @@
+"""Static HTML report: index, one page per (run, dataset), one comparison page.
+
+Pure functions, no Dagster: the assets build :class:`RunData` and call
+:func:`render_reports`. Pages come from the Jinja2 templates in ``templates/`` (autoescape on,
+``base.html`` layout, one template per page kind); every string that comes from data reaches
+the page only through autoescaping. File names built from data go through
+:func:`~musc_pipeline.reports.paths.slug`; figure paths must be relative to ``out_dir`` and
+stay inside it. Links are relative, so the folder can be copied and opened from disk.
+
+Metric values arrive as fractions in [0, 1] (or NaN) and are shown ×100 with one decimal,
+as in the paper; the paper's numbers (``reference_results.csv``) are already ×100.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from .paths import inside, safe_relpath, slug
+
+TEMPLATES = Path(__file__).parent / "templates"
+CSS_NAME = "report.css"
+BANNER = "RANDOMLY INITIALISED BACKBONE — not a pretrained model; numbers are a baseline only"
+
+GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Classification", (("image_auroc", "AUROC"), ("image_f1_max", "F1-max"), ("image_ap", "AP"))),
+    (
+        "Segmentation",
+        (("pixel_auroc", "AUROC"), ("pixel_f1_max", "F1-max"), ("pixel_ap", "AP"), ("pixel_pro", "PRO")),
+    ),
+)
+METRICS: tuple[str, ...] = tuple(key for _, cols in GROUPS for key, _ in cols)
+METRIC_LABELS: dict[str, str] = {key: f"{'Image' if g == 'Classification' else 'Pixel'} {label}"
+                                 for g, cols in GROUPS for key, label in cols}
+HEADLINE: tuple[str, ...] = ("image_auroc", "pixel_auroc")
+FIGURE_KINDS: tuple[tuple[str, str], ...] = (
+    ("qualitative", "Qualitative examples"),
+    ("histograms", "Score histograms"),
+    ("curves", "ROC and precision–recall curves"),
+)
+
+
+@dataclass
+class RunData:
+    profile: str  # e.g. "musc", "random_vit"
+    description: str
+    metrics: pd.DataFrame  # one row per category: dataset, category, METRICS (fractions or NaN), n_images, n_anomalous, notes
+    facts: dict[str, str]  # run facts: backbone, weights sha256, image size, timings, versions, date, …
+    random_init: bool  # True -> a loud banner on every page of this run
+    figures: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (dataset, category) -> kind -> relpath
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_reference(path: Path) -> pd.DataFrame:
+    """The paper's per-category numbers (×100) with a ``mean`` row per dataset."""
+    ref = pd.read_csv(path, dtype={"dataset": str, "category": str})
+    missing = {"dataset", "category", *METRICS} - set(ref.columns)
+    if missing:
+        raise ValueError(f"{path}: reference table lacks columns {sorted(missing)}")
+    ref["dataset"] = ref["dataset"].str.strip()
+    ref["category"] = ref["category"].str.strip()
+    for key in METRICS:
+        ref[key] = pd.to_numeric(ref[key], errors="coerce")
+    return ref
+
+
+def _metrics_frame(run: RunData) -> pd.DataFrame:
+    df = run.metrics.copy() if run.metrics is not None else pd.DataFrame()
+    for col in ("dataset", "category"):
+        if col not in df.columns:
+            raise ValueError(f"run {run.profile!r}: metrics table lacks a {col!r} column")
+        df[col] = df[col].astype(str)
+    for key in METRICS:
+        df[key] = pd.to_numeric(df[key], errors="coerce") if key in df.columns else math.nan
+    for key in ("n_images", "n_anomalous"):
+        if key not in df.columns:
+            df[key] = math.nan
+    df["notes"] = df["notes"].fillna("").astype(str) if "notes" in df.columns else ""
+    return df.reset_index(drop=True)
+
+
+def _datasets(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["dataset"]))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _is_nan(v: object) -> bool:
+    try:
+        return v is None or math.isnan(float(v))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+
+
+def pct(v: object) -> str | None:
+    """A fraction as the paper prints it: ×100, one decimal (0.9876 → "98.8"); None for NaN."""
+    return None if _is_nan(v) else f"{100 * float(v):.1f}"  # type: ignore[arg-type]
+
+
+def signed(d: float) -> tuple[str, str]:
+    """A difference in points with its sign, and a CSS class (pos / neg / zero)."""
+    text = f"{d:+.1f}"
+    if text in ("+0.0", "-0.0"):
+        return "0.0", "zero"
+    return text, ("pos" if d > 0 else "neg")
+
+
+def _count(v: object) -> str:
+    return "" if _is_nan(v) else str(int(float(v)))  # type: ignore[arg-type]
+
+
+def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = "") -> dict:
+    """One table cell: our value (×100), and — when the paper has it — the paper's value and
+    the signed difference ours − paper, computed from the numbers as shown."""
+    text = pct(v)
+    cell = {
+        "text": text if text is not None else "n/a",
+        "na": text is None,
+        "title": (note or "not available") if text is None else "",
+        "ref": None,
+        "diff": None,
+        "diff_cls": "",
+        "ref_title": ref_note,
+    }
+    if not _is_nan(ref):
+        cell["ref"] = f"{float(ref):.1f}"  # type: ignore[arg-type]
+        if text is not None:
+            cell["diff"], cell["diff_cls"] = signed(float(text) - round(float(ref), 1))  # type: ignore[arg-type]
+    return cell
+
+
+def delta_cell(a: object, b: object, note: str = "") -> dict:
+    """b − a in points (×100, one decimal), from the values as shown; with a → b beside it."""
+    ta, tb = pct(a), pct(b)
+    cell = {"a": ta or "n/a", "b": tb or "n/a", "text": "n/a", "na": True, "cls": "", "title": note}
+    if ta is not None and tb is not None:
+        cell["text"], cell["cls"] = signed(float(tb) - float(ta))
+        cell["na"] = False
+    elif not note:
+        cell["title"] = "not available in " + " and ".join(
+            name for name, t in (("run a", ta), ("run b", tb)) if t is None
+        )
+    return cell
+
+
+def _mean(values: pd.Series) -> tuple[float, str]:
+    """Mean over the categories that have a value, and a note when some do not."""
+    arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    ok = np.isfinite(arr)
+    if not ok.any():
+        return math.nan, "no category has this value"
+    note = "" if ok.all() else f"mean over {int(ok.sum())} of {arr.size} categories (the others are n/a)"
+    return float(arr[ok].mean()), note
+
+
+# --------------------------------------------------------------------------- reference
+
+
+class _Reference:
+    def __init__(self, ref: pd.DataFrame | None):
+        self.rows: dict[tuple[str, str], dict] = {}
+        if ref is not None:
+            for rec in ref.to_dict("records"):
+                self.rows[(str(rec["dataset"]), str(rec["category"]))] = rec
+
+    def has_dataset(self, dataset: str) -> bool:
+        return any(d == dataset for d, _ in self.rows)
+
+    def value(self, dataset: str, category: str, key: str) -> float | None:
+        if category == "mean":  # a category literally named "mean" is not the paper's mean row.
+            return None
+        rec = self.rows.get((dataset, category))
+        return None if rec is None or _is_nan(rec.get(key)) else float(rec[key])
+
+    def mean(self, dataset: str, categories: list[str], key: str) -> tuple[float | None, str]:
+        """The paper's mean for these categories: its own mean row when they are all of the
+        paper's categories, else the mean of its values over the ones present."""
+        paper_cats = {c for d, c in self.rows if d == dataset and c != "mean"}
+        shown = [c for c in dict.fromkeys(categories) if c in paper_cats]
+        if not shown:
+            return None, ""
+        full = self.rows.get((dataset, "mean"))
+        if set(shown) == paper_cats and full is not None and not _is_nan(full.get(key)):
+            return float(full[key]), "the paper's mean row"
+        vals = [self.value(dataset, c, key) for c in shown]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, ""
+        return float(np.mean(vals)), f"mean of the paper's values over the {len(vals)} categories shown"
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _href(name: str) -> str:
+    return quote(name)
+
+
+class _Names:
+    """Page file names: slugged, unique, inside ``out_dir``."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.used: set[str] = {"index.html", CSS_NAME}
+
+    def take(self, *parts: str) -> str:
+        base = "_".join(slug(p) for p in parts)
+        name, k = f"{base}.html", 2
+        while name.lower() in self.used:
+            name, k = f"{base}-{k}.html", k + 1
+        self.used.add(name.lower())
+        inside(self.out_dir, name)
+        return name
+
+
+def _figures(out_dir: Path, run: RunData, dataset: str, category: str) -> list[dict]:
+    given = dict(run.figures.get((dataset, category), {}) or {})
+    kinds = list(FIGURE_KINDS) + [(k, k.replace("_", " ").capitalize()) for k in given if k not in dict(FIGURE_KINDS)]
+    items = []
+    for kind, caption in kinds:
+        rel = given.get(kind)
+        src = safe_relpath(out_dir, rel) if rel else None
+        if src is not None:
+            items.append({"kind": kind, "caption": caption, "src": quote(src),
+                          "alt": f"{caption} for {dataset} / {category}", "missing": None})
+            continue
+        if rel:
+            why = f"figure file {rel!s} is missing or lies outside the report folder"
+        elif kind == "curves":
+            why = "no ROC / PR curves: the labelled images hold only one class"
+        else:
+            why = "figure not produced"
+        items.append({"kind": kind, "caption": caption, "src": None, "alt": "", "missing": why})
+    return items
+
+
+def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: _Reference) -> dict:
+    part = df[df["dataset"] == dataset]
+    has_ref = ref.has_dataset(dataset)
+    rows = []
+    for rec in part.to_dict("records"):
+        cat, note = rec["category"], rec["notes"]
+        rows.append({
+            "category": cat,
+            "n_images": _count(rec["n_images"]),
+            "n_anomalous": _count(rec["n_anomalous"]),
+            "notes": note,
+            "cells": [dict(value_cell(rec[k], note, ref.value(dataset, cat, k)), metric=k) for k in METRICS],
+            "figures": _figures(out_dir, run, dataset, cat),
+            "anchor": "cat-" + slug(cat),
+        })
+    mean_cells = []
+    for k in METRICS:
+        m, note = _mean(part[k])
+        rv, rnote = ref.mean(dataset, list(part["category"]), k)
+        mean_cells.append(dict(value_cell(m, note, rv, rnote), metric=k, title=note or ""))
+    return {
+        "dataset": dataset,
+        "rows": rows,
+        "mean": {"label": f"mean ({len(rows)} categories)", "cells": mean_cells},
+        "has_ref": has_ref,
+    }
+
+
+def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Reference) -> dict:
+    cats = list(dict.fromkeys(c for _, df in frames for c in df.loc[df["dataset"] == dataset, "category"]))
+    has_ref = ref.has_dataset(dataset)
+    rows = []
+    for cat in cats:
+        cells = []
+        for run, df in frames:
+            hit = df[(df["dataset"] == dataset) & (df["category"] == cat)]
+            for k in HEADLINE:
+                if hit.empty:
+                    cells.append(dict(value_cell(math.nan, "category not in this run"), metric=k, profile=run.profile))
+                else:
+                    rec = hit.iloc[0]
+                    cells.append(dict(value_cell(rec[k], rec["notes"]), metric=k, profile=run.profile))
+        paper = [value_cell(ref.value(dataset, cat, k) / 100 if ref.value(dataset, cat, k) is not None else math.nan,
+                            "not in the paper's table") for k in HEADLINE]
+        rows.append({"category": cat, "cells": cells, "paper": paper})
+    mean_cells = []
+    for run, df in frames:
+        part = df[df["dataset"] == dataset]
+        for k in HEADLINE:
+            m, note = _mean(part[k]) if not part.empty else (math.nan, "dataset not in this run")
+            mean_cells.append(dict(value_cell(m, note), metric=k, profile=run.profile, title=note))
+    paper_mean = []
+    for k in HEADLINE:
+        v, note = ref.mean(dataset, cats, k)
+        paper_mean.append(dict(value_cell(v / 100 if v is not None else math.nan, "not in the paper's table"),
+                               title=note))
+    return {
+        "dataset": dataset,
+        "runs": [{"profile": r.profile, "random_init": r.random_init} for r, _ in frames],
+        "rows": rows,
+        "mean": {"label": f"mean ({len(cats)} categories)", "cells": mean_cells, "paper": paper_mean},
+        "has_ref": has_ref,
+    }
+
+
+def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -> list[dict]:
+    (ra, da), (rb, db) = a, b
+    sections = []
+    for dataset in dict.fromkeys(_datasets(da) + _datasets(db)):
+        pa, pb = da[da["dataset"] == dataset], db[db["dataset"] == dataset]
+        merged = pa.merge(pb, on=["dataset", "category"], suffixes=("_a", "_b"), how="inner", sort=False)
+        rows = []
+        for rec in merged.to_dict("records"):
+            note = " / ".join(n for n in (rec["notes_a"], rec["notes_b"]) if n)
+            rows.append({
+                "category": rec["category"],
+                "cells": [dict(delta_cell(rec[f"{k}_a"], rec[f"{k}_b"], note), metric=k) for k in METRICS],
+            })
+        mean_cells = []
+        for k in METRICS:
+            ma, na = _mean(merged[f"{k}_a"]) if len(merged) else (math.nan, "")
+            mb, nb = _mean(merged[f"{k}_b"]) if len(merged) else (math.nan, "")
+            mean_cells.append(dict(delta_cell(ma, mb, " / ".join(n for n in (na, nb) if n)), metric=k))
+        shared = set(merged["category"])
+        sections.append({
+            "dataset": dataset,
+            "rows": rows,
+            "mean": {"label": f"mean ({len(rows)} shared categories)", "cells": mean_cells},
+            "only_a": [c for c in pa["category"] if c not in shared],
+            "only_b": [c for c in pb["category"] if c not in shared],
+        })
+    return sections
+
+
+def render_reports(
+    out_dir: Path,
+    runs: list[RunData],
+    reference: pd.DataFrame | None,
+    compare: tuple[str, str] | None = None,
+) -> Path:
+    """Write the report folder; returns ``out_dir / "index.html"``.
+
+    ``compare`` names two run profiles ``(a, b)`` for the page of deltas b − a; by default the
+    first two runs are compared when there are at least two.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profiles = [r.profile for r in runs]
+    if len(set(profiles)) != len(profiles):
+        raise ValueError(f"render_reports: run profiles must be unique, got {profiles}")
+    frames = [(run, _metrics_frame(run)) for run in runs]
+    ref = _Reference(reference)
+    env = _env()
+    names = _Names(out_dir)
+    shutil.copyfile(TEMPLATES / CSS_NAME, inside(out_dir, CSS_NAME))
+
+    if compare is None and len(runs) >= 2:
+        compare = (runs[0].profile, runs[1].profile)
+    compare_info = None
+    if compare is not None:
+        by_profile = dict(zip(profiles, frames))
+        unknown = [p for p in compare if p not in by_profile]
+        if unknown:
+            raise ValueError(f"render_reports: compare names unknown run(s) {unknown}; runs are {profiles}")
+        name = names.take("compare", slug(compare[0]) + "_vs_" + slug(compare[1]))
+        compare_info = {"a": compare[0], "b": compare[1], "file": name, "href": _href(name)}
+
+    run_links = []
+    for run, df in frames:
+        files = [(d, names.take(run.profile, d)) for d in _datasets(df)]
+        pages = [{"dataset": d, "file": f, "href": _href(f)} for d, f in files]
+        run_links.append({"profile": run.profile, "description": run.description,
+                          "random_init": run.random_init, "pages": pages, "n_categories": len(df)})
+
+    def write(name: str, template: str, **ctx) -> None:
+        html = env.get_template(template).render(banner=BANNER, css=CSS_NAME, **ctx)
+        inside(out_dir, name).write_text(html, encoding="utf-8")
+
+    for (run, df), link in zip(frames, run_links):
+        for page in link["pages"]:
+            others = [p for p in link["pages"] if p is not page]
+            write(
+                page["file"], "run.html",
+                run=run, facts=[(str(k), str(v)) for k, v in (run.facts or {}).items()],
+                table=_run_page(out_dir, run, df, page["dataset"], ref),
+                groups=GROUPS, other_pages=others,
+                banners=[run.profile] if run.random_init else [],
+            )
+
+    if compare_info is not None:
+        a, b = (dict(zip(profiles, frames))[p] for p in compare)
+        write(
+            compare_info["file"], "compare.html",
+            a=a[0], b=b[0], sections=_compare(a, b), groups=GROUPS,
+            banners=[r.profile for r in (a[0], b[0]) if r.random_init],
+        )
+
+    all_datasets = list(dict.fromkeys(d for _, df in frames for d in _datasets(df)))
+    write(
+        "index.html", "index.html",
+        runs=run_links, compare=compare_info,
+        headlines=[_headline(d, frames, ref) for d in all_datasets],
+        headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
+        banners=[r.profile for r in runs if r.random_init],
+    )
+    return out_dir / "index.html"

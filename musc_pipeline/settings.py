@@ -1,0 +1,117 @@
+"""Project settings: datasets, profiles (backbone + method), storage. Read from ``musc.yaml``.
+
+The file named by ``$MUSC_CONFIG`` (default: ``musc.yaml`` in the working directory, else the
+packaged defaults) is read when the Dagster code location loads. Dataset roots can also be
+set with environment variables (``MUSC_MVTEC_AD_ROOT``, ``MUSC_VISA_ROOT``,
+``MUSC_BTAD_ROOT``), so enabling a dataset needs no file edit.
+
+A *profile* is one way of running MuSc (backbone + method settings). Each profile is its own
+asset group with its own code versions: changing a profile's backbone marks that profile's
+features and everything downstream stale; changing only its RsCIN windows marks only the
+RsCIN scores and metrics stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_ROOT = REPO_ROOT / "data" / "demo"
+Layout = Literal["mvtec", "visa", "btad"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSettings(_Strict):
+    root: str
+    layout: Layout = "mvtec"
+
+
+class BackboneSettings(_Strict):
+    name: str = "auto"  # registry name, or "auto": the paper's if its weights are present
+    weights: str = "default"  # default (hub / package) | random | path to a checkpoint file
+    image_size: int | None = None  # None: the backbone's default (518 for ViT-L-14-336)
+    activation: str = "auto"
+    seed: int = 0
+
+
+class MethodSettings(_Strict):
+    degrees: tuple[int, ...] = (1, 3, 5)
+    interval: tuple[float, float] = (0.0, 0.3)
+    rscin_windows: tuple[int, ...] | None = None  # None: per dataset (MVTec {1,2,3}, VisA {1,8,9})
+    subsets: int = 1
+    subset_seed: int = 0
+    mask_rule: str = "nearest"
+    smoothing_sigma: float = 0.0
+    mode: Literal["zero_shot", "few_shot", "musc_plus"] = "zero_shot"
+    references: str | None = None  # folder of normal reference images (few_shot, musc_plus)
+
+
+class ProfileSettings(_Strict):
+    backbone: BackboneSettings = BackboneSettings()
+    method: MethodSettings = MethodSettings()
+    description: str = ""
+
+
+class Settings(_Strict):
+    storage: str = ".musc"  # base location: a path or an fsspec URL (s3://…)
+    reports_dir: str = "reports"
+    datasets: dict[str, DatasetSettings] = Field(
+        default_factory=lambda: {"demo": DatasetSettings(root=str(DEMO_ROOT))}
+    )
+    profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"musc": ProfileSettings()})
+
+    @field_validator("datasets", "profiles")
+    @classmethod
+    def _names(cls, value: dict) -> dict:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r} must be letters, digits, '_', '-', '.' (no paths)")
+        return value
+
+
+def fingerprint(*parts: BaseModel | str | int | None) -> str:
+    """A short stable hash of settings: the code version of the assets they feed."""
+    payload = json.dumps(
+        [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+_ENV_ROOTS = {"mvtec_ad": ("MUSC_MVTEC_AD_ROOT", "mvtec"), "visa": ("MUSC_VISA_ROOT", "visa"),
+              "btad": ("MUSC_BTAD_ROOT", "btad")}
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    path = Path(path or os.environ.get("MUSC_CONFIG", "musc.yaml"))
+    raw: dict = {}
+    if path.exists():
+        raw = yaml.safe_load(path.read_text()) or {}
+    elif "MUSC_CONFIG" in os.environ:
+        raise FileNotFoundError(f"MUSC_CONFIG points to {path}, which does not exist")
+    datasets = dict(raw.get("datasets") or {"demo": {"root": str(DEMO_ROOT)}})
+    for name, (var, layout) in _ENV_ROOTS.items():
+        if os.environ.get(var):
+            datasets[name] = {"root": os.environ[var], "layout": layout}
+    raw["datasets"] = datasets
+    if os.environ.get("MUSC_STORAGE"):
+        raw["storage"] = os.environ["MUSC_STORAGE"]
+    settings = Settings.model_validate(raw)
+    base = path.resolve().parent if path.exists() else Path.cwd()
+    return settings.model_copy(update={
+        "datasets": {k: v.model_copy(update={"root": str((base / v.root).resolve()) if "://" not in v.root else v.root})
+                     for k, v in settings.datasets.items()},
+        "storage": settings.storage if "://" in settings.storage else str((base / settings.storage).resolve()),
+        "reports_dir": str((base / settings.reports_dir).resolve()),
+    })

@@ -1,0 +1,346 @@
+"""MSM (SPEC §3, §7) against the slow float64 reference, plus hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from musc_pipeline.core import lnamd, msm
+
+ATOL = 1e-4
+
+
+def _unit(seed: int, n: int, p: int, c: int) -> np.ndarray:
+    z = np.random.default_rng(seed).normal(size=(n, p, c))
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def _tokens(seed: int, n: int, h: int, w: int, c: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, h, w, c)) * 2.0 + rng.normal(size=(n, 1, 1, c))
+
+
+def _ref_by_degree(tokens: np.ndarray, degrees, lo=0.0, hi=0.3, refs=None, plus=False) -> np.ndarray:
+    n, h, w, c = tokens.shape
+    out = []
+    for r in degrees:
+        z = reference.lnamd(tokens, r).reshape(n, h * w, c)
+        zr = None if refs is None else reference.lnamd(refs, r).reshape(refs.shape[0], h * w, c)
+        out.append(reference.msm(z, lo, hi, refs=zr, plus=plus))
+    return np.stack(out)
+
+
+def _budget_for_block(p: int, b: int) -> int:
+    """A memory budget that makes msm.block_size give b images per block."""
+    per_pair = msm._BLOCK_COPIES * p * p * 4
+    budget = per_pair * b * b
+    assert msm.block_size(p, budget) == b
+    return budget
+
+
+# --------------------------------------------------------------------------- mutual_scores
+
+
+@pytest.mark.parametrize("seed", [101, 102, 103])
+@pytest.mark.parametrize(
+    "interval, lohi",
+    [
+        ((0.0, 0.3), (0.0, 0.3)),
+        ("min", (0.0, 0.0)),
+        ("max", (1.0, 1.0)),
+        ("mean", (0.0, 1.0)),
+        ((0.2, 0.7), (0.2, 0.7)),
+        ((0.5, 0.5), (0.5, 0.5)),
+    ],
+)
+def test_mutual_scores_match_reference(seed, interval, lohi):
+    z = _unit(seed, n=9, p=12, c=10)
+    got = msm.mutual_scores(torch.from_numpy(z).float(), interval)
+    assert got.dtype == torch.float64 and got.shape == (9, 12)
+    want = reference.msm(z, *lohi)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
+
+
+def test_intervals_are_really_different():
+    """Guard against a test that passes because every interval gives the same numbers."""
+    z = torch.from_numpy(_unit(7, n=9, p=12, c=10)).float()
+    lo, mid, hi = (msm.mutual_scores(z, k) for k in ("min", "mean", "max"))
+    assert (lo <= mid + 1e-9).all() and (mid <= hi + 1e-9).all()
+    assert (hi - lo).min() > 1e-3
+
+
+# --------------------------------------------------------------------------- scores_by_degree
+
+
+@pytest.mark.parametrize("seed, grid", [(201, (4, 4)), (202, (3, 5)), (203, (5, 4))])
+def test_scores_by_degree_match_reference_box_filter_identity(seed, grid):
+    """All degrees from one r = 1 product (box-filter identity) == LNAMD per degree + MSM."""
+    h, w = grid
+    tokens = _tokens(seed, n=7, h=h, w=w, c=12)
+    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
+    want = _ref_by_degree(tokens, (1, 3, 5))
+    p = h * w
+    results = []
+    for b in (1, 2, 3, None):  # None: the default budget (one block for everything)
+        kw = {} if b is None else {"memory_budget": _budget_for_block(p, b)}
+        got = msm.scores_by_degree(y, (1, 3, 5), **kw)
+        assert got.shape == (3, 7, p) and got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
+        results.append(got.numpy())
+    for other in results[1:]:  # independent of how the pairs were blocked
+        np.testing.assert_allclose(other, results[0], rtol=0, atol=1e-6)
+
+
+def test_degrees_differ():
+    tokens = _tokens(5, n=6, h=4, w=4, c=8)
+    s = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
+    assert (s[0] - s[1]).abs().max() > 1e-2 and (s[1] - s[2]).abs().max() > 1e-2
+
+
+def test_degree_subset_and_order():
+    tokens = _tokens(6, n=5, h=4, w=4, c=8)
+    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
+    full = msm.scores_by_degree(y, (1, 3, 5))
+    only = msm.scores_by_degree(y, (5, 1))
+    np.testing.assert_allclose(only[0].numpy(), full[2].numpy(), atol=1e-6)
+    np.testing.assert_allclose(only[1].numpy(), full[0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [301, 302])
+def test_few_shot_matches_reference(seed):
+    tokens = _tokens(seed, n=6, h=4, w=4, c=10)
+    refs = _tokens(seed + 1000, n=3, h=4, w=4, c=10)
+    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
+    yr = lnamd.layer_norm_map(torch.from_numpy(refs).float())
+    got = msm.scores_by_degree(y, (1, 3), references=yr, mode="few_shot",
+                               memory_budget=_budget_for_block(16, 2))
+    want = _ref_by_degree(tokens, (1, 3), refs=refs)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
+    # the references change the result (they are really in the pool)
+    zero = msm.scores_by_degree(y, (1, 3))
+    assert (got - zero).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("seed", [401, 402])
+def test_musc_plus_matches_reference(seed):
+    tokens = _tokens(seed, n=4, h=4, w=4, c=10)
+    refs = _tokens(seed + 1000, n=3, h=4, w=4, c=10)
+    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
+    yr = lnamd.layer_norm_map(torch.from_numpy(refs).float())
+    got = msm.scores_by_degree(y, (1, 3, 5), references=yr, mode="musc_plus",
+                               memory_budget=_budget_for_block(16, 1))
+    want = _ref_by_degree(tokens, (1, 3, 5), refs=refs, plus=True)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
+
+
+def test_musc_plus_scores_a_single_image():
+    """MuSc+ needs no other test image: one image against the references works."""
+    tokens = _tokens(9, n=1, h=3, w=3, c=6)
+    refs = _tokens(10, n=2, h=3, w=3, c=6)
+    got = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1,),
+                               references=lnamd.layer_norm_map(torch.from_numpy(refs).float()),
+                               mode="musc_plus")
+    want = _ref_by_degree(tokens, (1,), refs=refs, plus=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["few_shot", "musc_plus"])
+def test_reference_modes_need_references(mode):
+    y = torch.randn(4, 3, 3, 5)
+    with pytest.raises(ValueError, match="reference"):
+        msm.scores_by_degree(y, (1,), mode=mode)
+    with pytest.raises(ValueError, match="reference"):
+        msm.scores_by_degree(y, (1,), mode=mode, references=torch.zeros(0, 3, 3, 5))
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="mode"):
+        msm.scores_by_degree(torch.randn(3, 2, 2, 4), (1,), mode="bogus")
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_single_image_raises_clear_error():
+    with pytest.raises(ValueError, match="at least 2 test images"):
+        msm.scores_by_degree(torch.randn(1, 3, 3, 8), (1, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        msm.mutual_scores(torch.nn.functional.normalize(torch.randn(1, 9, 8), dim=-1))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_small_n_keeps_at_least_one_value(n):
+    """K = max(1, floor(0.3·(N−1))): for N ≤ 4 that is the nearest image (the min)."""
+    assert msm.interval_slice(n - 1, msm.PAPER_INTERVAL) == slice(0, max(1, math.floor(0.3 * (n - 1))))
+    z = _unit(500 + n, n=n, p=9, c=8)
+    got = msm.mutual_scores(torch.from_numpy(z).float()).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference.msm(z, 0.0, 0.3), atol=ATOL)
+    if n <= 5:  # floor(0.3·(N−1)) ≤ 1: the paper interval is the minimum
+        np.testing.assert_allclose(got, reference.msm(z, 0.0, 0.0), atol=ATOL)
+
+
+def test_n3_by_degree_matches_reference():
+    tokens = _tokens(77, n=3, h=4, w=4, c=8)
+    got = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
+    want = _ref_by_degree(tokens, (1, 3, 5))
+    np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
+    np.testing.assert_allclose(got.numpy(), _ref_by_degree(tokens, (1, 3, 5), 0.0, 0.0), atol=ATOL)
+
+
+def test_interval_slice_k():
+    # K = floor(0.3·(N−1)) for larger N, e.g. N−1 = 59 → 17, N−1 = 10 → 3
+    assert msm.interval_slice(59, (0.0, 0.3)) == slice(0, 17)
+    assert msm.interval_slice(10, (0.0, 0.3)) == slice(0, 3)
+    assert msm.interval_slice(10, "max") == slice(9, 10)
+    assert msm.interval_slice(10, "mean") == slice(0, 10)
+
+
+def test_bfloat16_rejected():
+    y = torch.randn(3, 2, 2, 4)
+    with pytest.raises(ValueError, match="bfloat16"):
+        msm.scores_by_degree(y, (1,), dtype=torch.bfloat16)
+
+
+def test_float16_close_to_float32():
+    tokens = torch.from_numpy(_tokens(88, n=5, h=4, w=4, c=16)).float()
+    y = lnamd.layer_norm_map(tokens)
+    a = msm.scores_by_degree(y, (1, 3))
+    b = msm.scores_by_degree(y, (1, 3), dtype=torch.float16)
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=5e-3)
+
+
+@pytest.mark.parametrize("bad", ["median", (0.5, 0.2), (-0.1, 0.3), (0.0, 1.5)])
+def test_bad_interval_raises(bad):
+    with pytest.raises(ValueError, match="interval|aggregation"):
+        msm.mutual_scores(torch.nn.functional.normalize(torch.randn(4, 3, 5), dim=-1), bad)
+
+
+# --------------------------------------------------------------------------- hand-made cases
+
+
+def test_planted_outlier_gets_top_score():
+    rng = np.random.default_rng(3)
+    n, p, c = 10, 16, 32
+    base = rng.normal(size=c)
+    base /= np.linalg.norm(base)
+    z = base + 0.35 * rng.normal(size=(n, p, c)) / math.sqrt(c)
+    z[4, 11] = -base  # far from every other patch
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    s = msm.mutual_scores(torch.from_numpy(z).float()).numpy()
+    flat_top = np.argmax(s)
+    assert np.unravel_index(flat_top, s.shape) == (4, 11)
+    others = np.delete(s.ravel(), flat_top)
+    assert s[4, 11] > 1.9 and others.max() < 0.6  # ≈ 2 vs. ordinary patches
+
+
+def test_planted_outlier_through_all_degrees():
+    rng = np.random.default_rng(4)
+    n, h, w, c = 8, 5, 5, 16
+    tokens = rng.normal(size=(1, 1, 1, c)) * 3 + 0.3 * rng.normal(size=(n, h, w, c))
+    tokens[2, 2, 3] = -tokens[2, 2, 3] * 5
+    s = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
+    for r, r_scores in zip((1, 3, 5), s.numpy()):
+        i, m = np.unravel_index(np.argmax(r_scores), r_scores.shape)
+        # the window mean spreads the outlier over its r×r neighbourhood (more weight where
+        # zero padding leaves fewer real neighbours), so the top lands inside that window
+        assert i == 2
+        assert abs(m // w - 2) <= r // 2 and abs(m % w - 3) <= r // 2
+        if r == 1:
+            assert m == 2 * w + 3
+        other_images = np.delete(r_scores, 2, axis=0)
+        assert r_scores[2].max() > other_images.max() + 0.1
+
+
+def test_permuting_images_permutes_scores():
+    tokens = torch.from_numpy(_tokens(55, n=7, h=4, w=4, c=8)).float()
+    y = lnamd.layer_norm_map(tokens)
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    budget = _budget_for_block(16, 2)
+    s = msm.scores_by_degree(y, (1, 3, 5), memory_budget=budget)
+    sp = msm.scores_by_degree(y[perm], (1, 3, 5), memory_budget=budget)
+    np.testing.assert_allclose(sp.numpy(), s[:, perm].numpy(), rtol=0, atol=1e-6)
+
+
+def test_max_similarities_self_pairs_excluded():
+    y = lnamd.layer_norm_map(torch.randn(4, 3, 3, 6))
+    sims = msm.max_similarities(y, None, (1, 3), memory_budget=_budget_for_block(9, 1))
+    idx = torch.arange(4)
+    assert torch.isneginf(sims[:, idx, :, idx]).all()
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert torch.isfinite(sims.permute(0, 2, 1, 3)[:, :, off]).all()
+    assert (sims[torch.isfinite(sims)] <= 1 + 1e-5).all()
+
+
+def test_progress_is_reported():
+    calls = []
+    y = lnamd.layer_norm_map(torch.randn(5, 3, 3, 6))
+    msm.scores_by_degree(y, (1,), memory_budget=_budget_for_block(9, 2), progress=lambda d, t: calls.append((d, t)))
+    # 3 blocks of ≤2 images → 6 block pairs with J ≥ I
+    assert calls == [(k, 6) for k in range(1, 7)]
+
+
+# --------------------------------------------------------------------------- maps (SPEC §4)
+# (kept here: maps turn the MSM patch scores into S×S maps and image scores)
+
+from musc_pipeline.core import maps  # noqa: E402
+
+
+def test_patch_scores_mean_over_stages_and_degrees():
+    s = torch.arange(2 * 4 * 3 * 5, dtype=torch.float64).reshape(2, 4, 3, 5)
+    np.testing.assert_allclose(maps.patch_scores(s).numpy(), s.numpy().mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("seed, grid, size", [(1, (4, 4), 32), (2, (3, 5), 17), (3, (7, 7), 50)])
+def test_anomaly_maps_keep_corner_values(seed, grid, size):
+    h, w = grid
+    s = torch.from_numpy(np.random.default_rng(seed).uniform(size=(3, h * w)))
+    m = maps.anomaly_maps(s, grid, size)
+    assert m.shape == (3, size, size) and m.dtype == torch.float32
+    g = s.reshape(3, h, w).float()
+    # align_corners=True: the four output corners are the four corner patches exactly
+    for (a, b), (pa, pb) in zip(
+        [(0, 0), (0, -1), (-1, 0), (-1, -1)], [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)]
+    ):
+        np.testing.assert_allclose(m[:, a, b].numpy(), g[:, pa, pb].numpy(), rtol=0, atol=1e-6)
+    # bilinear: the map stays inside the range of its patch scores
+    assert (m.amin(dim=(1, 2)) >= g.amin(dim=(1, 2)) - 1e-6).all()
+    assert (m.amax(dim=(1, 2)) <= g.amax(dim=(1, 2)) + 1e-6).all()
+
+
+def test_anomaly_map_bilinear_value_by_hand():
+    # 2×2 grid to 3×3 with align_corners=True: the centre is the mean of the four patches
+    m = maps.anomaly_maps(torch.tensor([[0.0, 1.0, 2.0, 5.0]]), (2, 2), 3)
+    assert m[0, 1, 1].item() == pytest.approx(2.0)
+    assert m[0, 0, 1].item() == pytest.approx(0.5) and m[0, 1, 2].item() == pytest.approx(3.0)
+
+
+def test_image_score_is_max_of_upsampled_map_not_of_grid():
+    # a 3×3 grid whose only high patch is the centre; upsampled to 4×4 with align_corners the
+    # output pixels sit at grid positions 0, 2/3, 4/3, 2: the centre patch is never hit and the
+    # best pixel gets (1 − 1/3)² = 4/9 of it
+    s = torch.zeros(1, 9)
+    s[0, 4] = 1.0
+    m = maps.anomaly_maps(s, (3, 3), 4)
+    c = maps.image_scores(m)
+    assert c[0].item() == pytest.approx(4 / 9, abs=1e-6)
+    assert c[0].item() == pytest.approx(m[0].max().item())
+    assert c[0].item() < s.max().item()
+
+
+def test_image_scores_per_image():
+    s = torch.from_numpy(np.random.default_rng(9).uniform(size=(4, 16)))
+    m = maps.anomaly_maps(s, (4, 4), 21)
+    np.testing.assert_allclose(maps.image_scores(m).numpy(), m.reshape(4, -1).max(dim=1).values.numpy())
+
+
+def test_smoothing_is_off_by_default_and_changes_maps_when_on():
+    s = torch.from_numpy(np.random.default_rng(8).uniform(size=(2, 16)))
+    plain = maps.anomaly_maps(s, (4, 4), 16)
+    np.testing.assert_array_equal(plain.numpy(), maps.anomaly_maps(s, (4, 4), 16, smoothing_sigma=0.0).numpy())
+    smooth = maps.anomaly_maps(s, (4, 4), 16, smoothing_sigma=2.0)
+    assert smooth.shape == plain.shape and (smooth - plain).abs().max() > 1e-3

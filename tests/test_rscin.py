@@ -1,0 +1,81 @@
+"""RsCIN (SPEC §5) against the slow reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from musc_pipeline.core import rscin
+
+
+def _data(seed: int, n: int = 12, d: int = 8):
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(-3, 5, n)
+    tokens = rng.normal(size=(n, d))
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    return scores, tokens
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_window_one_is_min_max_normalised_input(seed):
+    scores, tokens = _data(seed)
+    got = rscin.rescore(torch.from_numpy(scores), torch.from_numpy(tokens), windows=(1,)).numpy()
+    want = (scores - scores.min()) / (scores.max() - scores.min())
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert got.min() == pytest.approx(0.0) and got.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23, 24])
+@pytest.mark.parametrize("windows", [(1, 2, 3), (1, 8, 9)])
+def test_matches_reference(seed, windows):
+    scores, tokens = _data(seed, n=15)
+    got = rscin.rescore(torch.from_numpy(scores).float(), torch.from_numpy(tokens).float(), windows).numpy()
+    want = reference.rscin(scores, tokens, windows)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # and re-scoring did something beyond normalisation
+    norm = (scores - scores.min()) / (scores.max() - scores.min())
+    assert np.abs(got - norm).max() > 1e-3
+
+
+def test_window_larger_than_n_uses_all_images():
+    scores, tokens = _data(4, n=5)
+    got = rscin.rescore(torch.from_numpy(scores), torch.from_numpy(tokens), (1, 8, 9)).numpy()
+    np.testing.assert_allclose(got, reference.rscin(scores, tokens, (1, 8, 9)), atol=1e-12)
+
+
+def test_neighbour_pulls_score():
+    """Two near-identical images average their scores at k = 2."""
+    tokens = np.array([[1.0, 0.0], [0.999, 0.0447], [0.0, 1.0]])
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    scores = np.array([0.0, 1.0, 0.5])
+    got = rscin.rescore(torch.from_numpy(scores), torch.from_numpy(tokens), (2,)).numpy()
+    w01 = tokens[0] @ tokens[1]
+    assert got[0] == pytest.approx(w01 * 1.0 / (1 + w01))
+    assert got[1] == pytest.approx(1.0 / (1 + w01))
+
+
+def test_mismatched_lengths_raise():
+    scores, tokens = _data(5, n=6)
+    with pytest.raises(ValueError, match="6 scores but 5 class tokens"):
+        rscin.rescore(torch.from_numpy(scores), torch.from_numpy(tokens[:5]))
+
+
+@pytest.mark.parametrize("windows", [(), (0, 2), (-1,)])
+def test_bad_windows_raise(windows):
+    scores, tokens = _data(6, n=6)
+    with pytest.raises(ValueError, match="windows"):
+        rscin.rescore(torch.from_numpy(scores), torch.from_numpy(tokens), windows)
+
+
+def test_constant_scores_map_to_zero():
+    _, tokens = _data(7, n=4)
+    got = rscin.rescore(torch.full((4,), 2.5), torch.from_numpy(tokens))
+    np.testing.assert_array_equal(got.numpy(), np.zeros(4))
+
+
+def test_windows_by_dataset():
+    assert rscin.windows_for("mvtec_ad") == (1, 2, 3)
+    assert rscin.windows_for("visa") == (1, 8, 9)
+    assert rscin.windows_for("btad") == (1, 2, 3)
