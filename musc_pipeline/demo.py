@@ -28,13 +28,14 @@ def main() -> int:
     if not keys:
         print(f"no categories found under {[d.root for d in settings.datasets.values()]}", file=sys.stderr)
         return 1
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     for profile in settings.profiles:
         job = defs.resolve_job_def(f"{profile}_categories")
         for key in keys:
             start = time.perf_counter()
-            result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=True)
+            result = job.execute_in_process(partition_key=key, instance=instance, run_config=quiet, raise_on_error=True)
             print(f"[{profile}] {key}: {'ok' if result.success else 'FAILED'} in {time.perf_counter() - start:.0f} s", flush=True)
-    defs.resolve_job_def("reports").execute_in_process(instance=instance, raise_on_error=True)
+    defs.resolve_job_def("reports").execute_in_process(instance=instance, run_config=quiet, raise_on_error=True)
 
     rows = []
     for profile in settings.profiles:

@@ -16,9 +16,16 @@ def vit_b16():
     return build(get_spec("ViT-B-16"), 224)
 
 
+EFF_SPEC = get_spec("efficientnet_lite0")
+# CNN taps are resized to the grid of the spec's stride (8 at first, 16 later): pick the input
+# size that gives a 28×28 grid either way
+EFF_STRIDE = getattr(EFF_SPEC, "grid_stride", 8)
+EFF_SIZE = 28 * EFF_STRIDE
+
+
 @pytest.fixture(scope="module")
 def effnet():
-    return build(get_spec("efficientnet_lite0"), 224)
+    return build(EFF_SPEC, EFF_SIZE)
 
 
 def _images(b: int, size: int = 224) -> torch.Tensor:
@@ -97,21 +104,25 @@ def test_vit_uses_quick_gelu_at_native_size(vit_b16):
 EFF_BLOCKS = (1, 2, 4, 6)
 
 
+def _to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Average pooling down, bilinear up, identity at the grid size."""
+    if x.shape[-1] > side:
+        return F.adaptive_avg_pool2d(x, side)
+    if x.shape[-1] < side:
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    return x
+
+
 def test_effnet_taps_are_outputs_of_blocks_1_2_4_6(effnet):
-    images = _images(2)
+    images = _images(2, EFF_SIZE)
     assert effnet.grid == (28, 28)
     net = effnet.network
     feats, store = _hooked_forward(lambda: net.forward_features(images), [(k, net.blocks[k]) for k in EFF_BLOCKS])
     out = effnet(images)
     assert [t.shape for t in out.taps] == [(2, 28, 28, c) for c in (24, 40, 112, 320)]
-    # strides 4, 8, 16, 32: 56×56 average-pooled down, 28 as is, 14 and 7 bilinear up
-    assert [store[k].shape[-1] for k in EFF_BLOCKS] == [56, 28, 14, 7]
-    want = [
-        F.adaptive_avg_pool2d(store[1], 28),
-        store[2],
-        F.interpolate(store[4], size=(28, 28), mode="bilinear", align_corners=False),
-        F.interpolate(store[6], size=(28, 28), mode="bilinear", align_corners=False),
-    ]
+    # the tapped blocks have strides 4, 8, 16, 32
+    assert [store[k].shape[-1] for k in EFF_BLOCKS] == [EFF_SIZE // s for s in (4, 8, 16, 32)]
+    want = [_to_grid(store[k], 28) for k in EFF_BLOCKS]
     for tap, w in zip(out.taps, want):
         np.testing.assert_allclose(tap.numpy(), w.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
     assert out.embedding.shape == (2, 1280)
@@ -121,8 +132,8 @@ def test_effnet_taps_are_outputs_of_blocks_1_2_4_6(effnet):
 
 def test_build_is_seeded(effnet):
     images = _images(1, 64)
-    again = build(get_spec("efficientnet_lite0"), 224, seed=0)
-    other = build(get_spec("efficientnet_lite0"), 224, seed=1)
+    again = build(EFF_SPEC, EFF_SIZE, seed=0)
+    other = build(EFF_SPEC, EFF_SIZE, seed=1)
     a, b, c = (fe.network.forward_features(images) for fe in (effnet, again, other))
     np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
     assert (a - c).abs().max() > 1e-3

@@ -206,6 +206,17 @@ def test_aupro_equals_slow_threshold_loop(seed):
     assert metrics.aupro(masks, maps) == pytest.approx(_aupro_slow(masks, maps), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", [14, 15])
+def test_aupro_on_threshold_grid_values_equals_slow_loop(seed):
+    """Map values exactly on the threshold grid (integers 0..200, step 1): here '> t' and
+    '>= t' give different curves, so this pins the authors' strict '>'."""
+    masks, maps = _random_pixels(seed)
+    rng = np.random.default_rng(seed)
+    maps = np.clip(np.round(100 + 40 * maps + 30 * rng.normal(size=maps.shape)), 0, 200)
+    maps.flat[0], maps.flat[1] = 0, 200
+    assert metrics.aupro(masks, maps) == pytest.approx(_aupro_slow(masks, maps), abs=1e-12)
+
+
 def test_aupro_uses_eight_connectivity():
     masks, maps = _hand_case()
     four = _aupro_slow(masks, maps, connectivity=1)  # region A split into two
@@ -261,3 +272,15 @@ def test_aupro_mvtec_equals_slow_threshold_loop(seed):
     masks, maps = _random_pixels(seed, size=12)
     maps = np.round(maps, 1)  # ties: one curve point per distinct value
     assert metrics.aupro_mvtec(masks, maps) == pytest.approx(_aupro_mvtec_slow(masks, maps), abs=1e-9)
+
+
+def test_aupro_nan_when_no_threshold_has_fpr_below_limit():
+    """A coarse map whose maximum covers ≥ 30 % of the normal pixels: every threshold has
+    FPR ≥ 0.3, no curve point is kept, PRO is undefined (NaN), not a crash."""
+    masks = np.zeros((1, 10, 10), bool)
+    masks[0, :2, :2] = True
+    maps = np.zeros((1, 10, 10))
+    maps[0, :5, :] = 1.0  # 46 of 96 normal pixels at the maximum
+    assert math.isnan(metrics.aupro(masks, maps))
+    res = metrics.pixel_metrics(masks, maps)
+    assert math.isnan(res.values["pixel_pro"]) and not math.isnan(res.values["pixel_auroc"])

@@ -1,4 +1,9 @@
-"""MSM (SPEC §3, §7) against the slow float64 reference, plus hand-made cases."""
+"""MSM (SPEC §3, §7) against the slow float64 reference, plus hand-made cases.
+
+Both similarity strategies of :func:`msm.max_similarities` are checked: ``per_degree`` (one
+product per LNAMD degree, the default) and ``box_filter`` (one r = 1 product per pair,
+box-filtered over both patch grids: the identity of SPEC §3).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,17 @@ import reference
 from musc_pipeline.core import lnamd, msm
 
 ATOL = 1e-4
+STRATEGIES = ("per_degree", "box_filter")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (seconds on a
+    loaded 2-core machine instead of milliseconds). Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _unit(seed: int, n: int, p: int, c: int) -> np.ndarray:
@@ -24,6 +40,10 @@ def _tokens(seed: int, n: int, h: int, w: int, c: int) -> np.ndarray:
     return rng.normal(size=(n, h, w, c)) * 2.0 + rng.normal(size=(n, 1, 1, c))
 
 
+def _y(tokens: np.ndarray) -> torch.Tensor:
+    return lnamd.layer_norm_map(torch.from_numpy(tokens).float())
+
+
 def _ref_by_degree(tokens: np.ndarray, degrees, lo=0.0, hi=0.3, refs=None, plus=False) -> np.ndarray:
     n, h, w, c = tokens.shape
     out = []
@@ -34,11 +54,21 @@ def _ref_by_degree(tokens: np.ndarray, degrees, lo=0.0, hi=0.3, refs=None, plus=
     return np.stack(out)
 
 
-def _budget_for_block(p: int, b: int) -> int:
-    """A memory budget that makes msm.block_size give b images per block."""
-    per_pair = msm._BLOCK_COPIES * p * p * 4
-    budget = per_pair * b * b
-    assert msm.block_size(p, budget) == b
+def _pairs_used(y: torch.Tensor, budget: int, strategy: str, refs: torch.Tensor | None = None) -> int:
+    """How many block pairs max_similarities multiplies for this budget (via progress)."""
+    calls: list[tuple[int, int]] = []
+    msm.max_similarities(y, refs, (1,), memory_budget=budget, strategy=strategy,
+                         progress=lambda d, t: calls.append((d, t)))
+    assert [d for d, _ in calls] == list(range(1, len(calls) + 1))
+    assert all(t == len(calls) for _, t in calls)
+    return len(calls)
+
+
+def _two_image_blocks_budget(p: int, strategy: str) -> int:
+    """The smallest budget that puts more than one image into a block."""
+    budget = 1
+    while msm.block_size(p, budget // (msm._BLOCK_COPIES if strategy == "box_filter" else 1)) < 2:
+        budget *= 2
     return budget
 
 
@@ -53,6 +83,7 @@ def _budget_for_block(p: int, b: int) -> int:
         ("min", (0.0, 0.0)),
         ("max", (1.0, 1.0)),
         ("mean", (0.0, 1.0)),
+        ("paper", (0.0, 0.3)),
         ((0.2, 0.7), (0.2, 0.7)),
         ((0.5, 0.5), (0.5, 0.5)),
     ],
@@ -73,77 +104,109 @@ def test_intervals_are_really_different():
     assert (hi - lo).min() > 1e-3
 
 
+def test_mutual_scores_needs_n_p_c():
+    with pytest.raises(ValueError, match="N×P×C"):
+        msm.mutual_scores(torch.zeros(3, 2, 2, 4))
+
+
 # --------------------------------------------------------------------------- scores_by_degree
 
 
+_REF_CACHE: dict = {}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("seed, grid", [(201, (4, 4)), (202, (3, 5)), (203, (5, 4))])
-def test_scores_by_degree_match_reference_box_filter_identity(seed, grid):
-    """All degrees from one r = 1 product (box-filter identity) == LNAMD per degree + MSM."""
+def test_scores_by_degree_match_reference(seed, grid, strategy):
+    """All degrees at once == LNAMD per degree + MSM, whatever the blocking.
+
+    With strategy='box_filter' this checks the box-filter identity of SPEC §3."""
     h, w = grid
-    tokens = _tokens(seed, n=7, h=h, w=w, c=12)
-    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
-    want = _ref_by_degree(tokens, (1, 3, 5))
-    p = h * w
+    n, p = 7, h * w
+    tokens = _tokens(seed, n=n, h=h, w=w, c=12)
+    y = _y(tokens)
+    key = (seed, grid)
+    if key not in _REF_CACHE:  # the slow reference once for both strategies
+        _REF_CACHE[key] = _ref_by_degree(tokens, (1, 3, 5))
+    want = _REF_CACHE[key]
+    mid = _two_image_blocks_budget(p, strategy)
+    # one image per block, a few per block, the default (one block for everything)
+    budgets = (1, mid, msm.DEFAULT_MEMORY_BUDGET)
+    pairs = [_pairs_used(y, b, strategy) for b in budgets]
+    assert pairs[0] == n * (n + 1) // 2 and 1 < pairs[1] < pairs[0] and pairs[2] == 1
     results = []
-    for b in (1, 2, 3, None):  # None: the default budget (one block for everything)
-        kw = {} if b is None else {"memory_budget": _budget_for_block(p, b)}
-        got = msm.scores_by_degree(y, (1, 3, 5), **kw)
-        assert got.shape == (3, 7, p) and got.dtype == torch.float64
+    for b in budgets:
+        got = msm.scores_by_degree(y, (1, 3, 5), memory_budget=b, strategy=strategy)
+        assert got.shape == (3, n, p) and got.dtype == torch.float64
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
         results.append(got.numpy())
     for other in results[1:]:  # independent of how the pairs were blocked
         np.testing.assert_allclose(other, results[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [211, 212])
+def test_strategies_agree(seed):
+    y = _y(_tokens(seed, n=8, h=5, w=5, c=24))
+    a = msm.scores_by_degree(y, (1, 3, 5), strategy="per_degree")
+    b = msm.scores_by_degree(y, (1, 3, 5), strategy="box_filter")
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_unknown_strategy_raises():
+    with pytest.raises(ValueError, match="strategy"):
+        msm.scores_by_degree(_y(_tokens(1, 3, 2, 2, 4)), (1,), strategy="fft")
+
+
 def test_degrees_differ():
-    tokens = _tokens(5, n=6, h=4, w=4, c=8)
-    s = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
+    s = msm.scores_by_degree(_y(_tokens(5, n=6, h=4, w=4, c=8)), (1, 3, 5))
     assert (s[0] - s[1]).abs().max() > 1e-2 and (s[1] - s[2]).abs().max() > 1e-2
 
 
-def test_degree_subset_and_order():
-    tokens = _tokens(6, n=5, h=4, w=4, c=8)
-    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
-    full = msm.scores_by_degree(y, (1, 3, 5))
-    only = msm.scores_by_degree(y, (5, 1))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_degree_subset_and_order(strategy):
+    y = _y(_tokens(6, n=5, h=4, w=4, c=8))
+    full = msm.scores_by_degree(y, (1, 3, 5), strategy=strategy)
+    only = msm.scores_by_degree(y, (5, 1), strategy=strategy)
     np.testing.assert_allclose(only[0].numpy(), full[2].numpy(), atol=1e-6)
     np.testing.assert_allclose(only[1].numpy(), full[0].numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("seed", [301, 302])
-def test_few_shot_matches_reference(seed):
+def test_few_shot_matches_reference(seed, strategy):
     tokens = _tokens(seed, n=6, h=4, w=4, c=10)
     refs = _tokens(seed + 1000, n=3, h=4, w=4, c=10)
-    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
-    yr = lnamd.layer_norm_map(torch.from_numpy(refs).float())
-    got = msm.scores_by_degree(y, (1, 3), references=yr, mode="few_shot",
-                               memory_budget=_budget_for_block(16, 2))
+    y, yr = _y(tokens), _y(refs)
+    budget = _two_image_blocks_budget(16, strategy)
+    assert _pairs_used(y, budget, strategy, refs=yr) > 1  # several blocks against the references
+    got = msm.scores_by_degree(y, (1, 3), references=yr, mode="few_shot", memory_budget=budget, strategy=strategy)
     want = _ref_by_degree(tokens, (1, 3), refs=refs)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
     # the references change the result (they are really in the pool)
-    zero = msm.scores_by_degree(y, (1, 3))
+    zero = msm.scores_by_degree(y, (1, 3), strategy=strategy)
     assert (got - zero).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("seed", [401, 402])
-def test_musc_plus_matches_reference(seed):
+def test_musc_plus_matches_reference(seed, strategy):
     tokens = _tokens(seed, n=4, h=4, w=4, c=10)
     refs = _tokens(seed + 1000, n=3, h=4, w=4, c=10)
-    y = lnamd.layer_norm_map(torch.from_numpy(tokens).float())
-    yr = lnamd.layer_norm_map(torch.from_numpy(refs).float())
-    got = msm.scores_by_degree(y, (1, 3, 5), references=yr, mode="musc_plus",
-                               memory_budget=_budget_for_block(16, 1))
+    got = msm.scores_by_degree(_y(tokens), (1, 3, 5), references=_y(refs), mode="musc_plus",
+                               memory_budget=1, strategy=strategy)
     want = _ref_by_degree(tokens, (1, 3, 5), refs=refs, plus=True)
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=ATOL)
+    # MuSc+ ignores the interval: always the minimum over references
+    again = msm.scores_by_degree(_y(tokens), (1, 3, 5), "max", references=_y(refs), mode="musc_plus",
+                                 strategy=strategy)
+    np.testing.assert_allclose(again.numpy(), got.numpy(), atol=1e-6)
 
 
 def test_musc_plus_scores_a_single_image():
     """MuSc+ needs no other test image: one image against the references works."""
     tokens = _tokens(9, n=1, h=3, w=3, c=6)
     refs = _tokens(10, n=2, h=3, w=3, c=6)
-    got = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1,),
-                               references=lnamd.layer_norm_map(torch.from_numpy(refs).float()),
-                               mode="musc_plus")
+    got = msm.scores_by_degree(_y(tokens), (1,), references=_y(refs), mode="musc_plus")
     want = _ref_by_degree(tokens, (1,), refs=refs, plus=True)
     np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
 
@@ -184,11 +247,12 @@ def test_small_n_keeps_at_least_one_value(n):
         np.testing.assert_allclose(got, reference.msm(z, 0.0, 0.0), atol=ATOL)
 
 
-def test_n3_by_degree_matches_reference():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_n3_by_degree_matches_reference(strategy):
     tokens = _tokens(77, n=3, h=4, w=4, c=8)
-    got = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
-    want = _ref_by_degree(tokens, (1, 3, 5))
-    np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
+    got = msm.scores_by_degree(_y(tokens), (1, 3, 5), strategy=strategy)
+    np.testing.assert_allclose(got.numpy(), _ref_by_degree(tokens, (1, 3, 5)), atol=ATOL)
+    # K = max(1, floor(0.6)) = 1: the nearest of the two other images
     np.testing.assert_allclose(got.numpy(), _ref_by_degree(tokens, (1, 3, 5), 0.0, 0.0), atol=ATOL)
 
 
@@ -198,19 +262,22 @@ def test_interval_slice_k():
     assert msm.interval_slice(10, (0.0, 0.3)) == slice(0, 3)
     assert msm.interval_slice(10, "max") == slice(9, 10)
     assert msm.interval_slice(10, "mean") == slice(0, 10)
+    with pytest.raises(ValueError):
+        msm.interval_slice(0, "min")
 
 
-def test_bfloat16_rejected():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bfloat16_rejected(strategy):
     y = torch.randn(3, 2, 2, 4)
     with pytest.raises(ValueError, match="bfloat16"):
-        msm.scores_by_degree(y, (1,), dtype=torch.bfloat16)
+        msm.scores_by_degree(y, (1,), dtype=torch.bfloat16, strategy=strategy)
 
 
-def test_float16_close_to_float32():
-    tokens = torch.from_numpy(_tokens(88, n=5, h=4, w=4, c=16)).float()
-    y = lnamd.layer_norm_map(tokens)
-    a = msm.scores_by_degree(y, (1, 3))
-    b = msm.scores_by_degree(y, (1, 3), dtype=torch.float16)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float16_close_to_float32(strategy):
+    y = _y(_tokens(88, n=5, h=4, w=4, c=16))
+    a = msm.scores_by_degree(y, (1, 3), strategy=strategy)
+    b = msm.scores_by_degree(y, (1, 3), dtype=torch.float16, strategy=strategy)
     np.testing.assert_allclose(b.numpy(), a.numpy(), atol=5e-3)
 
 
@@ -238,12 +305,13 @@ def test_planted_outlier_gets_top_score():
     assert s[4, 11] > 1.9 and others.max() < 0.6  # ≈ 2 vs. ordinary patches
 
 
-def test_planted_outlier_through_all_degrees():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_planted_outlier_through_all_degrees(strategy):
     rng = np.random.default_rng(4)
     n, h, w, c = 8, 5, 5, 16
     tokens = rng.normal(size=(1, 1, 1, c)) * 3 + 0.3 * rng.normal(size=(n, h, w, c))
     tokens[2, 2, 3] = -tokens[2, 2, 3] * 5
-    s = msm.scores_by_degree(lnamd.layer_norm_map(torch.from_numpy(tokens).float()), (1, 3, 5))
+    s = msm.scores_by_degree(_y(tokens), (1, 3, 5), strategy=strategy)
     for r, r_scores in zip((1, 3, 5), s.numpy()):
         i, m = np.unravel_index(np.argmax(r_scores), r_scores.shape)
         # the window mean spreads the outlier over its r×r neighbourhood (more weight where
@@ -256,19 +324,21 @@ def test_planted_outlier_through_all_degrees():
         assert r_scores[2].max() > other_images.max() + 0.1
 
 
-def test_permuting_images_permutes_scores():
-    tokens = torch.from_numpy(_tokens(55, n=7, h=4, w=4, c=8)).float()
-    y = lnamd.layer_norm_map(tokens)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_permuting_images_permutes_scores(strategy):
+    y = _y(_tokens(55, n=7, h=4, w=4, c=8))
     perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
-    budget = _budget_for_block(16, 2)
-    s = msm.scores_by_degree(y, (1, 3, 5), memory_budget=budget)
-    sp = msm.scores_by_degree(y[perm], (1, 3, 5), memory_budget=budget)
+    budget = _two_image_blocks_budget(16, strategy)
+    s = msm.scores_by_degree(y, (1, 3, 5), memory_budget=budget, strategy=strategy)
+    sp = msm.scores_by_degree(y[perm], (1, 3, 5), memory_budget=budget, strategy=strategy)
     np.testing.assert_allclose(sp.numpy(), s[:, perm].numpy(), rtol=0, atol=1e-6)
 
 
-def test_max_similarities_self_pairs_excluded():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_max_similarities_self_pairs_excluded(strategy):
     y = lnamd.layer_norm_map(torch.randn(4, 3, 3, 6))
-    sims = msm.max_similarities(y, None, (1, 3), memory_budget=_budget_for_block(9, 1))
+    sims = msm.max_similarities(y, None, (1, 3), memory_budget=1, strategy=strategy)
+    assert sims.shape == (2, 4, 9, 4)
     idx = torch.arange(4)
     assert torch.isneginf(sims[:, idx, :, idx]).all()
     off = ~torch.eye(4, dtype=torch.bool)
@@ -279,9 +349,9 @@ def test_max_similarities_self_pairs_excluded():
 def test_progress_is_reported():
     calls = []
     y = lnamd.layer_norm_map(torch.randn(5, 3, 3, 6))
-    msm.scores_by_degree(y, (1,), memory_budget=_budget_for_block(9, 2), progress=lambda d, t: calls.append((d, t)))
-    # 3 blocks of ≤2 images → 6 block pairs with J ≥ I
-    assert calls == [(k, 6) for k in range(1, 7)]
+    msm.scores_by_degree(y, (1,), memory_budget=1, progress=lambda d, t: calls.append((d, t)))
+    # one image per block → 15 block pairs with J ≥ I
+    assert calls == [(k, 15) for k in range(1, 16)]
 
 
 # --------------------------------------------------------------------------- maps (SPEC §4)

@@ -5,9 +5,15 @@ it in the UI after adding a category). A static, discovered key list was chosen 
 dataset × category definition, which would show impossible cells (mvtec_ad × candle), and
 over dynamic partitions fed by a sensor, which would leave a fresh instance — or the
 ``dagster asset materialize`` CLI — without keys until the sensor had run.
+
+A folder whose name cannot be a key (a path such as ``..`` or ``a\\b``, ``...``, control
+characters such as a tab or newline, which Dagster refuses) is skipped with a warning naming
+it, so one odd folder never stops the code location from loading.
 """
 
 from __future__ import annotations
+
+import logging
 
 from dagster import StaticPartitionsDefinition
 
@@ -15,10 +21,27 @@ from musc_pipeline.resources.datasets import categories
 from musc_pipeline.settings import DatasetSettings, Settings
 
 
+log = logging.getLogger(__name__)
+
+
+def _unusable(category: str) -> str | None:
+    """Why a category name cannot be a partition key (None if it can)."""
+    if category in ("", ".", "..") or "/" in category or "\\" in category:
+        return "is not a plain folder name"
+    if "..." in category or any(ord(c) < 32 or ord(c) == 127 for c in category):
+        return "contains '...' or control characters, which Dagster refuses in partition keys"
+    return None
+
+
 def partition_keys(settings: Settings) -> list[str]:
     keys = []
     for dataset, cfg in settings.datasets.items():
         for category in categories(cfg.root, cfg.layout):
+            why = _unusable(category)
+            if why:
+                log.warning("dataset %s: skipping category %r under %s: the name %s",
+                            dataset, category, cfg.root, why)
+                continue
             keys.append(f"{dataset}/{category}")
     return keys
 
@@ -32,6 +55,7 @@ def split_key(settings: Settings, key: str) -> tuple[str, DatasetSettings, str]:
     dataset, sep, category = key.partition("/")
     if not sep or dataset not in settings.datasets:
         raise ValueError(f"partition key {key!r} is not <dataset>/<category> of a configured dataset")
-    if category in ("", ".", "..") or "/" in category or "\\" in category:
-        raise ValueError(f"partition key {key!r}: category {category!r} is not a plain folder name")
+    why = _unusable(category)
+    if why:
+        raise ValueError(f"partition key {key!r}: category {category!r} {why}")
     return dataset, settings.datasets[dataset], category

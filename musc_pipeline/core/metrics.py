@@ -124,9 +124,10 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, steps: in
     pro, fpr = _pro_fpr(masks, maps, thresholds)
     keep = fpr < fpr_limit
     fpr, pro = fpr[keep], pro[keep]
-    span = fpr.max() - fpr.min()
-    if fpr.size < 2 or span == 0:
+    # no (or one) point below the limit, e.g. ≥ 30 % of normal pixels at the maximum: undefined
+    if fpr.size < 2 or fpr.max() == fpr.min():
         return math.nan
+    span = fpr.max() - fpr.min()
     return float(auc((fpr - fpr.min()) / span, pro))
 
 

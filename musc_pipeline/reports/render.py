@@ -387,6 +387,7 @@ def render_reports(
         files = [(d, names.take(run.profile, d)) for d in _datasets(df)]
         pages = [{"dataset": d, "file": f, "href": _href(f)} for d, f in files]
         run_links.append({"profile": run.profile, "description": run.description,
+                          "backbone": (run.facts or {}).get("backbone", ""),
                           "random_init": run.random_init, "pages": pages, "n_categories": len(df)})
 
     def write(name: str, template: str, **ctx) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,17 +73,28 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode a mask and check it matches its image's (width, height)."""
+    """Decode a mask and check it matches its image's (width, height).
+
+    Anomalous = value > 127 (0/255 masks), or any non-zero value in masks whose values all
+    stay ≤ 127 (label masks such as VisA's 0/1/2…).
+    """
     rgb = read_image(path)
     if (rgb.shape[1], rgb.shape[0]) != tuple(size):
         raise DatasetError(
             f"{path}: mask is {rgb.shape[1]}×{rgb.shape[0]} but its image is {size[0]}×{size[1]}"
         )
-    return rgb[..., 0] > 127
+    m = rgb.max(axis=2)
+    return m > (127 if m.max(initial=0) > 127 else 0)
 
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _check_suffix(path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DatasetError(f"{path}: not an image file (suffix {suffix or 'none'!r})")
 
 
 def _entries_folder_layout(root: Path, category: str, layout: str) -> list[dict]:
@@ -98,6 +110,7 @@ def _entries_folder_layout(root: Path, category: str, layout: str) -> list[dict]
         return [dict(path=p, defect_type="unlabeled", label=None, mask_path=None) for p in loose]
     for d in subdirs:
         for p in _images(d):
+            _check_suffix(p)
             is_normal = d.name == normal
             mask = None
             if not is_normal and gt_root.is_dir():
@@ -147,12 +160,13 @@ def scan_category(root: str | Path, layout: str, category: str) -> pd.DataFrame:
             f"{root / category}: {len(entries)} test image(s); MuSc scores images against each "
             "other and needs at least 2"
         )
-    rows = []
+    rows, seen = [], set()
     for e in entries:
         path = Path(e["path"])
-        suffix = path.suffix.lower()
-        if suffix not in IMAGE_SUFFIXES:
-            raise DatasetError(f"{path}: not an image file (suffix {suffix or 'none'!r})")
+        if path in seen:
+            raise DatasetError(f"{path}: listed twice (each test image must be scored once)")
+        seen.add(path)
+        _check_suffix(path)
         rgb = read_image(path)
         h, w = rgb.shape[:2]
         if e["mask_path"] is not None:
@@ -165,6 +179,9 @@ def scan_category(root: str | Path, layout: str, category: str) -> pd.DataFrame:
             width=w, height=h, mode=mode, sha1=hashlib.sha1(path.read_bytes()).hexdigest(),
         ))
     df = pd.DataFrame(rows)
-    df.insert(0, "image_id", [f"{r.defect_type}/{Path(r.path).name}" for r in df.itertuples()])
+    ids = pd.Series([f"{r.defect_type}/{Path(r.path).name}" for r in df.itertuples()])
+    clash = ids.duplicated(keep=False)  # same name in two folders (VisA): use the path under the root
+    ids[clash] = [f"{r.defect_type}/{Path(os.path.relpath(r.path, root)).as_posix()}" for r in df[clash].itertuples()]
+    df.insert(0, "image_id", ids)
     df["label"] = df["label"].astype("Int64")
     return df[MANIFEST_COLUMNS]

@@ -6,7 +6,9 @@ multi-partition loads, local or fsspec URLs such as ``s3://…``). Each output l
 
 Writes are atomic: the bytes go to a hidden temporary sibling (``.<name>.<pid>.tmp``), which is
 renamed over the final name only when complete, so a crash leaves either the old file or the
-new one, and the catalog's globs never match a half-written file.
+new one, and the catalog's globs never match a half-written file. A write that fails with an
+exception removes its temporary; only a killed process can leave one behind (hidden, and
+matched by no glob).
 
 The DuckDB catalog (``<storage>/catalog.duckdb``) holds only *views* over the Parquet files
 (``read_parquet`` globs), so it never has to be written per partition: concurrent partitions
@@ -51,18 +53,25 @@ class ArrayBundle:
 def _atomic_write(path: UPath, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(payload)
-        if hasattr(fh, "fileno"):
-            try:
-                fh.flush()
-                os.fsync(fh.fileno())
-            except (OSError, io.UnsupportedOperation):
-                pass
-    if path.protocol in ("", "file", "local"):
-        os.replace(tmp.path, path.path)
-    else:
-        tmp.rename(path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(payload)
+            if hasattr(fh, "fileno"):
+                try:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                except (OSError, io.UnsupportedOperation):
+                    pass
+        if path.protocol in ("", "file", "local"):
+            os.replace(tmp.path, path.path)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        try:  # a failed write leaves the old file and no temporary
+            tmp.unlink()
+        except Exception:
+            pass
+        raise
 
 
 def _safe_partition(base: UPath, partition: str) -> UPath:

@@ -1,0 +1,243 @@
+"""MSM benchmark: our fused mutual scoring vs. a straightforward implementation of the
+authors' approach vs. the matmul FLOP floor of this machine.
+
+Run:  .venv/bin/python benchmarks/msm.py            (N = 60 and 120, ~3 min on 2 cores)
+      .venv/bin/python benchmarks/msm.py --quick    (N = 60 only)
+
+Workload: one stage of ViT-B-16 at 224 px (grid 14×14 → P = 196 patches, C = 768), N test
+images, all three LNAMD degrees (1, 3, 5), interval (0, 0.3). The features are random
+(seeded, the same in every method): tokens ~ N(0, 1), layer-normed per image.
+
+Methods (each runs in a fresh spawned process, so "peak RSS" is that process's own
+``ru_maxrss``; "base" is the RSS after imports, data and a small warm-up, before timing):
+
+- ``straightforward``: SPEC §2–3 written the way the authors' code works: for each degree r,
+  Z = lnamd.aggregate(tokens, r); for each image i one ``torch.cdist`` of its P patches
+  against the (N−1)·P patches of all other images concatenated, reshape to P×(N−1)×P,
+  min over patches per image, topk of the N−1 distances, mean over the interval.
+- ``ours/per_degree``: ``msm.scores_by_degree(y, (1, 3, 5))`` (the default strategy: one
+  product per degree on unit LNAMD features, each image pair once, blocked).
+- ``ours/box_filter``: the same with ``strategy="box_filter"`` (one r = 1 product per pair,
+  degrees 3 and 5 by box-filtering it over both patch grids).
+- ``matmul floor``: plain float32 matmuls with exactly the useful FLOPs of one product per
+  image pair, U = N(N−1)/2 · 2·P²·C (A = all N·P patches, B = (N−1)·P/2 columns, chunked).
+
+"floor %" = (U / peak) / seconds, with peak the best GFLOP/s of a large square float32
+matmul measured here: how close a method comes to doing only the work of one product per
+pair at full speed. (The per_degree strategy multiplies three times U by construction.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GRID = (14, 14)
+CHANNELS = 768
+DEGREES = (1, 3, 5)
+INTERVAL = (0.0, 0.3)
+THREADS = 2
+SEED = 0
+MB = 2**20
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _tokens(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randn(n, *GRID, CHANNELS, generator=g)
+
+
+def straightforward(tokens, degrees=DEGREES, interval=INTERVAL):
+    """The authors' way (SPEC §2–3): per degree, per image one cdist against all others."""
+    import torch
+
+    from musc_pipeline.core import lnamd, msm
+
+    n, h, w, c = tokens.shape
+    p = h * w
+    keep = msm.interval_slice(n - 1, interval)
+    out = torch.empty(len(degrees), n, p, dtype=torch.float64)
+    for ri, r in enumerate(degrees):
+        z = lnamd.aggregate(tokens, r).reshape(n, p, c)
+        for i in range(n):
+            others = torch.cat([z[:i], z[i + 1 :]]).reshape(-1, c)  # (N−1)·P × C
+            d = torch.cdist(z[i], others)  # P × (N−1)·P
+            d = d.reshape(p, n - 1, p).amin(dim=-1)  # nearest patch of each other image
+            vals = torch.topk(d, keep.stop, dim=-1, largest=False, sorted=True).values
+            out[ri, i] = vals[:, keep.start : keep.stop].double().mean(dim=-1)
+    return out
+
+
+def ours(tokens, strategy: str, memory_budget: int | None):
+    from musc_pipeline.core import lnamd, msm
+
+    kw = {} if memory_budget is None else {"memory_budget": memory_budget}
+    y = lnamd.layer_norm_map(tokens)
+    return msm.scores_by_degree(y, DEGREES, INTERVAL, strategy=strategy, **kw)
+
+
+def matmul_floor(tokens):
+    """float32 matmuls with the useful FLOPs of one product per image pair."""
+    import torch
+
+    n, h, w, c = tokens.shape
+    p = h * w
+    a = tokens.reshape(n * p, c).contiguous()
+    cols = (n - 1) * p // 2  # 2·(N·P)·C·cols = N(N−1)·P²·C
+    chunk = 1024
+    buf = torch.empty(n * p, chunk)
+    done = 0
+    while done < cols:
+        k = min(chunk, cols - done)
+        b = a[done : done + k]  # any C×k block of the same size does the same work
+        torch.matmul(a, b.T, out=buf[:, :k])
+        done += k
+    return None
+
+
+def peak_gflops() -> float:
+    import torch
+
+    m = 3072
+    x, y = torch.randn(m, m), torch.randn(m, m)
+    out = torch.empty(m, m)
+    torch.matmul(x, y, out=out)  # warm-up
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.matmul(x, y, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m**3 / best / 1e9
+
+
+def child(method: str, n: int, memory_budget: int | None) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    if method == "peak":
+        return {"gflops": peak_gflops(), "rss": _rss_mb()}
+    fns = {
+        "straightforward": straightforward,
+        "ours/per_degree": lambda t: ours(t, "per_degree", memory_budget),
+        "ours/box_filter": lambda t: ours(t, "box_filter", memory_budget),
+        "matmul floor": matmul_floor,
+    }
+    fn = fns[method]
+    fn(_tokens(6))  # warm-up: thread pools, kernels, allocator
+    tokens = _tokens(n)
+    base = _rss_mb()
+    t = time.perf_counter()
+    scores = fn(tokens)
+    seconds = time.perf_counter() - t
+    peak = _rss_mb()
+    return {
+        "seconds": seconds,
+        "rss": peak,
+        "base": base,
+        "scores": None if scores is None else scores.double().numpy(),
+    }
+
+
+def _run_fresh(method: str, n: int = 0, memory_budget: int | None = None) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(child, (method, n, memory_budget))
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N = 60 only, no memory-budget rows")
+    ap.add_argument("--sizes", type=int, nargs="+", help="override the image counts")
+    args = ap.parse_args(argv)
+    sizes = args.sizes or ([60] if args.quick else [60, 120])
+    budgets_mb = [] if args.quick else [32]
+
+    import numpy as np
+    import torch
+
+    t_start = time.perf_counter()
+    h, w = GRID
+    p = h * w
+    peak = _run_fresh("peak")["gflops"]
+    print(
+        f"MSM benchmark — P = {p} ({h}×{w}), C = {CHANNELS}, degrees {DEGREES}, interval {INTERVAL}, "
+        f"float32, {THREADS} threads; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"measured matmul peak: {peak:.1f} GFLOP/s (3072³ float32, best of 3)")
+    print("load average at start (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + "\n")
+
+    header = ["N", "method", "budget", "seconds", "speed-up", "floor %", "peak RSS MB", "Δ RSS MB", "max |Δ score|"]
+    rows: list[list[str]] = []
+    largest = max(sizes)
+    for n in sizes:
+        useful = n * (n - 1) / 2 * 2 * p * p * CHANNELS
+        floor_s = useful / (peak * 1e9)
+        plan = [("straightforward", None), ("ours/per_degree", None), ("ours/box_filter", None), ("matmul floor", None)]
+        if n == largest:
+            plan += [("ours/per_degree", b * MB) for b in budgets_mb]
+        results = {}
+        for method, budget in plan:
+            results[(method, budget)] = _run_fresh(method, n, budget)
+        base = results[("straightforward", None)]
+        for method, budget in plan:
+            r = results[(method, budget)]
+            diff = "—"
+            if r["scores"] is not None and method != "straightforward":
+                diff = f"{np.abs(r['scores'] - base['scores']).max():.1e}"
+            default = "512 MB (default)" if method.startswith("ours") else "—"
+            rows.append([
+                str(n),
+                method,
+                f"{budget // MB} MB" if budget else default,
+                f"{r['seconds']:.2f}",
+                f"{base['seconds'] / r['seconds']:.1f}×",
+                f"{100 * floor_s / r['seconds']:.0f}%",
+                f"{r['rss']:.0f}",
+                f"{r['rss'] - r['base']:.0f}",
+                diff,
+            ])
+        print(f"N = {n}: useful FLOPs U = {useful / 1e9:.1f} GFLOP, floor at peak = {floor_s:.2f} s", flush=True)
+
+    widths = [max(len(header[k]), *(len(row[k]) for row in rows)) for k in range(len(header))]
+    line = lambda cells: "  ".join(c.rjust(wd) if k not in (1, 2) else c.ljust(wd) for k, (c, wd) in enumerate(zip(cells, widths)))  # noqa: E731
+    print()
+    print(line(header))
+    print(line(["-" * wd for wd in widths]))
+    for row in rows:
+        print(line(row))
+    print(
+        "\nspeed-up: straightforward seconds / method seconds. floor %: time of U at the measured "
+        "peak / method seconds.\npeak RSS: ru_maxrss of the method's own fresh process; Δ RSS: "
+        "growth during the timed call. max |Δ score|: vs straightforward, all degrees."
+    )
+    print("load average at end (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+          + f" — other processes on these {os.cpu_count()} CPUs make timings noisy when it exceeds {THREADS}")
+    print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
