@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import Definitions
+from dagster import Definitions, ExecutorDefinition
 
 from musc_pipeline.assets.partitions import build_partitions
 from musc_pipeline.assets.pipeline import build_profile_assets
@@ -13,7 +13,10 @@ from musc_pipeline.resources.storage import ArrayStorage, ParquetStorage
 from musc_pipeline.settings import Settings, load_settings
 
 
-def build_definitions(settings: Settings | None = None, model: ModelResource | None = None) -> Definitions:
+def build_definitions(
+    settings: Settings | None = None, model: ModelResource | None = None, executor: ExecutorDefinition | None = None
+) -> Definitions:
+    """Everything of the code location; ``executor`` replaces Dagster's default multiprocess one."""
     settings = settings or load_settings()
     partitions = build_partitions(settings)
     assets = []
@@ -27,6 +30,7 @@ def build_definitions(settings: Settings | None = None, model: ModelResource | N
         jobs=jobs,
         schedules=schedules,
         sensors=sensors,
+        executor=executor,
         resources={
             "model": model or ModelResource(),
             "tables": ParquetStorage(base_path=settings.storage),

@@ -195,8 +195,9 @@ def finish(job: SimpleNamespace, timeout: float = 400) -> SimpleNamespace:
         rc = "timeout"
     stdout = job.out.read_text(errors="replace")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    errors = [ln for ln in job.err.read_text(errors="replace").splitlines() if " - dagster - " not in ln]
     return SimpleNamespace(rc=rc, result=json.loads(lines[-1][7:]) if lines else None,
-                           stderr=job.err.read_text(errors="replace")[-4000:])
+                           stderr="\n".join(errors)[-4000:])
 
 
 # --------------------------------------------------------------------------- bad inputs: clear errors
@@ -717,7 +718,8 @@ def _wait_for_line(job: SimpleNamespace, prefix: str, timeout: float) -> str:
         if job.proc.poll() is not None:
             break
         time.sleep(0.05)
-    raise AssertionError(f"no {prefix!r} line (rc {job.proc.poll()}): {job.err.read_text(errors='replace')[-3000:]}")
+    errors = [ln for ln in job.err.read_text(errors="replace").splitlines() if " - dagster - " not in ln]
+    raise AssertionError(f"no {prefix!r} line (rc {job.proc.poll()}): " + "\n".join(errors)[-3000:])
 
 
 def _visible(base: Path) -> list[str]:
@@ -748,7 +750,8 @@ def test_kill_9_mid_write_then_rerun_equals_an_uninterrupted_run(pair, tmp_path)
         finally:
             con.close()
     finally:
-        os.kill(job.proc.pid, signal.SIGKILL)
+        if job.proc.poll() is None:
+            os.kill(job.proc.pid, signal.SIGKILL)
         job.proc.wait(timeout=60)
     assert job.proc.returncode == -signal.SIGKILL
     assert not asset_file(settings, "category_metrics", key).exists()
