@@ -511,8 +511,9 @@ def test_missing_checkpoint_file_is_named(tmp_path):
     settings = small_settings(tmp_path, root).model_copy(
         update={"profiles": {"musc": ProfileSettings(backbone=backbone)}})
     step, message = failure(run_job(settings, "mini/cat", names=PER_CATEGORY[:2]))
-    assert step == "musc__backbone_features"
+    assert step == "musc__image_manifest"  # weights are located before anything is written
     assert "WeightsUnavailableError" in message and str(missing) in message
+    assert not asset_file(settings, "image_manifest", "mini/cat").exists()
     assert not asset_file(settings, "backbone_features", "mini/cat").exists()
 
 
@@ -558,8 +559,9 @@ def test_hub_weights_missing_offline_fail_fast_naming_the_cache(tmp_path):
     for text in (direct["message"], done.result["failures"][0]["message"]):
         assert "ViT-B-16" in text and str(hf_home / "hub") in text, text
         assert "HF_HOME" in text and "backbone.weights" in text, text
-    assert done.result["failures"][0]["step"] == "musc__backbone_features"
+    assert done.result["failures"][0]["step"] == "musc__image_manifest"
     assert "WeightsUnavailableError" in done.result["failures"][0]["message"]
+    assert not asset_file(settings, "image_manifest", "mini/cat").exists()
     assert not asset_file(settings, "backbone_features", "mini/cat").exists()
     assert list(hf_home.rglob("*.bin")) == [] and list(hf_home.rglob("*.safetensors")) == []
 

@@ -134,13 +134,15 @@ def build_profile_assets(
 
     @asset(name="image_manifest", io_manager_key="tables", code_version=versions["manifest"],
            kinds={"parquet"}, **common)
-    def image_manifest(context: AssetExecutionContext) -> Output[pd.DataFrame]:
+    def image_manifest(context: AssetExecutionContext, model: ModelResource) -> Output[pd.DataFrame]:
         """Test images of the category: path, defect type, label, mask path, size, mode, sha1.
 
-        Every image is decoded and every mask size-checked here, so bad input stops the
-        partition before anything else is written.
+        Every image is decoded and every mask size-checked here, and the backbone's weights
+        are located, so bad input or missing weights stop the partition before anything is
+        written.
         """
         dataset, cfg, category = where(context)
+        model.extractor(profile.backbone)
         df = scan_category(cfg.root, cfg.layout, category)
         df.insert(0, "category", category)
         df.insert(0, "dataset", dataset)
@@ -228,8 +230,9 @@ def build_profile_assets(
                     progress=_progress(context, what),
                 )  # R×n_sub×P
                 out[idx, l] = s.permute(1, 0, 2).float().cpu().numpy()
-        if not np.isfinite(out).all():
-            raise ValueError("MSM produced non-finite scores")
+        bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"MSM produced non-finite scores for: {', '.join(manifest['path'][bad].head(5))}")
         timing = _timing(time.perf_counter() - start, n)
         bundle = ArrayBundle({"scores": out}, {
             "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),

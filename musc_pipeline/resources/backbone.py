@@ -193,10 +193,12 @@ def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[tor
             import open_clip
 
             open_clip.load_checkpoint(model, path, weights_only=True)
-        else:
-            from timm.models import load_checkpoint
+        else:  # timm ViT (DINO, DINOv2): timm's own filter adapts position embeddings to the size
+            from timm.models.vision_transformer import checkpoint_filter_fn
 
-            load_checkpoint(model, path, strict=False)
+            missing, _ = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+            if missing:  # unexpected keys (a classifier head) are fine; missing ones are not
+                raise WeightsUnavailableError(f"{path}: not a {spec.arch} checkpoint (lacks {missing[:3]})")
 
     return load
 
