@@ -67,7 +67,7 @@ def _pairs_used(y: torch.Tensor, budget: int, strategy: str, refs: torch.Tensor 
 def _two_image_blocks_budget(p: int, strategy: str) -> int:
     """The smallest budget that puts more than one image into a block."""
     budget = 1
-    while msm.block_size(p, budget // (msm._BLOCK_COPIES if strategy == "box_filter" else 1)) < 2:
+    while msm.block_size(p, budget, msm._BLOCK_COPIES if strategy == "box_filter" else 1) < 2:
         budget *= 2
     return budget
 

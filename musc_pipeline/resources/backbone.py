@@ -238,7 +238,7 @@ class ModelResource(ConfigurableResource):
     device: str = "auto"
     batch_size: int = 16
     msm_precision: str = "float32"
-    msm_memory_budget_mb: int = 512
+    msm_memory_budget_mb: int = 64
     threads: int = 0  # 0: torch's default
 
     def setup_for_execution(self, context) -> None:  # noqa: D102
