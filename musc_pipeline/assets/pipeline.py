@@ -226,7 +226,7 @@ def build_profile_assets(
                 s = msm.scores_by_degree(
                     y[idx].to(device), method.degrees, method.interval,
                     references=None if refs is None else refs[l].to(device), mode=method.mode,
-                    memory_budget=model.msm_memory_budget_mb * 2**20, dtype=model.msm_dtype,
+                    memory_budget=model.msm_memory_budget, dtype=model.msm_dtype,
                     progress=_progress(context, what),
                 )  # R×n_sub×P
                 out[idx, l] = s.permute(1, 0, 2).float().cpu().numpy()

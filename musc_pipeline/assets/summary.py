@@ -48,8 +48,10 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
 
     @asset(name="metrics_table", key_prefix=[name], group_name=name, io_manager_key="tables", kinds={"parquet"},
            ins={"per_category": AssetIn(key("category_metrics"), partition_mapping=AllPartitionMapping(), metadata=_ALL)})
-    def metrics_table(per_category: dict[str, pd.DataFrame]) -> Output[pd.DataFrame]:
+    def metrics_table(per_category) -> Output[pd.DataFrame]:
         """All categories' metrics of this profile with dataset means, like the paper's tables."""
+        if isinstance(per_category, pd.DataFrame):  # Dagster hands over a lone partition unwrapped
+            per_category = {"": per_category}
         if not per_category:
             raise ValueError(f"profile {name!r}: no category has been materialized yet")
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])

@@ -238,7 +238,7 @@ class ModelResource(ConfigurableResource):
     device: str = "auto"
     batch_size: int = 16
     msm_precision: str = "float32"
-    msm_memory_budget_mb: int = 64
+    msm_memory_budget_mb: int = 0  # 0: auto (CPU: MSM's measured-best 64 MB; GPU: a quarter of free memory)
     threads: int = 0  # 0: torch's default
 
     def setup_for_execution(self, context) -> None:  # noqa: D102
@@ -256,6 +256,19 @@ class ModelResource(ConfigurableResource):
         if self.msm_precision == "float16" and self.torch_device.type == "cpu":
             return torch.float32  # half matmul on CPU is slow and no more memory-efficient here
         return getattr(torch, self.msm_precision)
+
+    @property
+    def msm_memory_budget(self) -> int:
+        """Bytes for MSM's similarity blocks, derived from free device memory when auto."""
+        if self.msm_memory_budget_mb:
+            return self.msm_memory_budget_mb * 2**20
+        device = self.torch_device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free // 4
+        from musc_pipeline.core.msm import DEFAULT_MEMORY_BUDGET
+
+        return DEFAULT_MEMORY_BUDGET
 
     def extractor(self, settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
         """The loaded backbone; cached per process, so runs in one process load it once."""
