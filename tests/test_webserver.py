@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ def test_dagster_dev_serves_asset_graph(tmp_path, mini_root):
     port = _free_port()
     env = dict(os.environ, MUSC_CONFIG=str(cfg), DAGSTER_HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "home" / "dagster.yaml")  # the instance config we ship
     dagster = Path(sys.executable).parent / "dagster"
     proc = subprocess.Popen(
         [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
