@@ -119,3 +119,8 @@ def test_cli_materialize_one_partition(tmp_path, mini_root):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "store" / "musc" / "category_metrics" / "mini" / "cat1.parquet").is_file()
+    con = duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True)
+    rows = con.execute("SELECT count(*) FROM rscin_scores").fetchone()[0]
+    auroc = con.execute("SELECT image_auroc FROM category_metrics WHERE category = 'cat1'").fetchone()[0]
+    con.close()
+    assert rows == 10 and 0.5 < auroc <= 1.0

@@ -11,8 +11,9 @@ exception removes its temporary; only a killed process can leave one behind (hid
 matched by no glob).
 
 The DuckDB catalog (``<storage>/catalog.duckdb``) holds only *views* over the Parquet files
-(``read_parquet`` globs), so it never has to be written per partition: concurrent partitions
-write their own Parquet files and nothing else. :func:`rebuild_catalog` (re)creates the views
+(``read_parquet`` globs), so it never has to be written per partition: the Parquet IO manager
+rebuilds it only when a table appears for the first time (:func:`ensure_catalog_view`), after
+which concurrent partitions write their own Parquet files and nothing else. :func:`rebuild_catalog` (re)creates the views
 from whatever tables exist, under a file lock, into a temporary database that replaces the
 old one — so readers never see a half-built catalog and it can always be rebuilt from Parquet.
 """
@@ -35,6 +36,7 @@ from filelock import FileLock
 from upath import UPath
 
 CATALOG_FILE = "catalog.duckdb"
+CATALOG_VIEWS = ".catalog_views.json"  # the views the catalog has, read without opening DuckDB
 #: Tables (asset names) exposed as views in the catalog.
 CATALOG_TABLES = ("image_manifest", "rscin_scores", "category_metrics")
 
@@ -93,6 +95,9 @@ class ParquetIOManager(_Base):
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(obj, preserve_index=False), sink)
         _atomic_write(path, sink.getvalue().to_pybytes())
+        table = path.parent.parent.name  # <base>/<profile>/<table>/<dataset>/<category>.parquet
+        if table in CATALOG_TABLES and self._base_path.protocol in ("", "file", "local"):
+            ensure_catalog_view(self._base_path.path, table)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pd.DataFrame:
         with path.open("rb") as fh:
@@ -139,6 +144,18 @@ class ArrayStorage(ConfigurableIOManagerFactory):
         return ArrayIOManager(base_path=UPath(self.base_path))
 
 
+def ensure_catalog_view(storage: str | os.PathLike, table: str) -> None:
+    """Rebuild the catalog once, when ``table`` has no view yet.
+
+    Views read globs, so a table's later partitions need no catalog write: in steady state
+    concurrent partitions never touch the DuckDB file.
+    """
+    listing = Path(storage) / CATALOG_VIEWS
+    if listing.is_file() and table in json.loads(listing.read_text()):
+        return
+    rebuild_catalog(storage)
+
+
 def rebuild_catalog(storage: str | os.PathLike) -> Path:
     """(Re)create the DuckDB views over every profile's Parquet tables; returns the db path."""
     import duckdb
@@ -150,11 +167,12 @@ def rebuild_catalog(storage: str | os.PathLike) -> Path:
         tmp = base / f".{CATALOG_FILE}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         con = duckdb.connect(str(tmp))
+        views = []
         try:
             for table in CATALOG_TABLES:
-                files = sorted(base.glob(f"*/{table}/*/*.parquet"))
-                if not files:
+                if not any(base.glob(f"*/{table}/*/*.parquet")):
                     continue
+                views.append(table)
                 pattern = str(base / "*" / table / "*" / "*.parquet").replace("'", "''")
                 con.execute(
                     f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
@@ -162,4 +180,5 @@ def rebuild_catalog(storage: str | os.PathLike) -> Path:
         finally:
             con.close()
         os.replace(tmp, db)
+        _atomic_write(UPath(base / CATALOG_VIEWS), json.dumps(views).encode())
     return db
