@@ -124,3 +124,20 @@ def test_cli_materialize_one_partition(tmp_path, mini_root):
     auroc = con.execute("SELECT image_auroc FROM category_metrics WHERE category = 'cat1'").fetchone()[0]
     con.close()
     assert rows == 10 and 0.5 < auroc <= 1.0
+
+
+def test_few_shot_modes_through_the_assets(tmp_path, mini_root):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in (10, 11, 12):  # normal images that are not in the test set
+        (refs / f"{i}.png").write_bytes((REPO / "data/demo/PA_BDP01_TL/test/good" / f"{i:03d}.png").read_bytes())
+    scores = {}
+    for mode in ("zero_shot", "few_shot", "musc_plus"):
+        settings = small_settings(tmp_path / mode, mini_root, mode=mode, references=str(refs))
+        result = _materialize(build_definitions(settings), PER_CATEGORY, DagsterInstance.ephemeral())
+        assert result.success
+        df = pd.read_parquet(Path(settings.storage) / "musc" / "category_metrics" / "mini" / "cat1.parquet")
+        assert df["image_auroc"].iloc[0] > 0.8
+        scores[mode] = pd.read_parquet(Path(settings.storage) / "musc" / "rscin_scores" / "mini" / "cat1.parquet")["score_msm"]
+    assert not np.allclose(scores["zero_shot"], scores["few_shot"])
+    assert not np.allclose(scores["few_shot"], scores["musc_plus"])
