@@ -8,6 +8,7 @@ box-filtered over both patch grids: the identity of SPEC §3).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -414,3 +415,17 @@ def test_smoothing_is_off_by_default_and_changes_maps_when_on():
     np.testing.assert_array_equal(plain.numpy(), maps.anomaly_maps(s, (4, 4), 16, smoothing_sigma=0.0).numpy())
     smooth = maps.anomaly_maps(s, (4, 4), 16, smoothing_sigma=2.0)
     assert smooth.shape == plain.shape and (smooth - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["zero_shot", "few_shot"])
+def test_row_chunks_beyond_the_result_budget_give_the_same_scores(mode):
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    y = lnamd.layer_norm_map(torch.randn(9, 4, 4, 8, generator=gen))
+    refs = lnamd.layer_norm_map(torch.randn(2, 4, 4, 8, generator=gen)) if mode == "few_shot" else None
+    whole = msm.scores_by_degree(y, (1, 3, 5), references=refs, mode=mode)
+    calls = []
+    row_bytes = 3 * 16 * (9 + (2 if refs is not None else 0)) * 4
+    chunked = msm.scores_by_degree(y, (1, 3, 5), references=refs, mode=mode, result_budget=2 * row_bytes,
+                                   progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 9), (4, 9), (6, 9), (8, 9), (9, 9)]  # five row chunks, not one symmetric pass
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)

@@ -222,11 +222,12 @@ def build_profile_assets(
         out = np.zeros((n, 4, len(method.degrees), h * w), dtype=np.float32)
         for gi, idx in enumerate(groups):
             for l, y in enumerate(ys):
-                what = f"image pairs scored (subset {gi + 1}/{len(groups)}, stage {l + 1}/4)"
+                what = f"MSM blocks done (subset {gi + 1}/{len(groups)}, stage {l + 1}/4)"
                 s = msm.scores_by_degree(
                     y[idx].to(device), method.degrees, method.interval,
                     references=None if refs is None else refs[l].to(device), mode=method.mode,
-                    memory_budget=model.msm_memory_budget, dtype=model.msm_dtype,
+                    memory_budget=model.msm_memory_budget, result_budget=model.msm_result_budget_mb * 2**20,
+                    dtype=model.msm_dtype,
                     progress=_progress(context, what),
                 )  # R×n_sub×P
                 out[idx, l] = s.permute(1, 0, 2).float().cpu().numpy()

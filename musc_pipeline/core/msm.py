@@ -54,6 +54,7 @@ NAMED_INTERVALS: dict[str, Interval] = {
 # Small blocks waste less on the diagonal blocks (multiplied whole) and stay in cache:
 # 64 MB measured fastest on the 2-core CPU (benchmarks/msm.py); GPUs want larger blocks.
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
+DEFAULT_RESULT_BUDGET = 2 * 2**30
 # G, the j-grid filtered copy, its transposed copy and the i-grid filtered copy.
 _BLOCK_COPIES = 4
 
@@ -243,11 +244,17 @@ def scores_by_degree(
     references: torch.Tensor | None = None,
     mode: Mode = "zero_shot",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
     strategy: Strategy = "per_degree",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.
+
+    Memory: ``memory_budget`` bounds each block of similarities; ``result_budget`` bounds the
+    per-pair result (R × N × P × pool float32). While the whole result fits, every image pair
+    is multiplied once; beyond it the test images are scored in row chunks that fit, each
+    against the whole pool and reduced at once — twice the products, memory flat in N.
 
     maps: N×h×w×C layer-normed stage maps Y of the test images (:func:`lnamd.layer_norm_map`).
     mode:
@@ -268,15 +275,30 @@ def scores_by_degree(
             f"MSM needs at least 2 test images to score each other, got {n}: "
             "a category with one image cannot be scored zero-shot"
         )
-    sims = max_similarities(maps, None, degrees, progress=progress, **kw)
-    n_valid = n - 1
-    if mode == "few_shot":
-        ref_sims = max_similarities(maps, references, degrees, **kw)
-        sims = torch.cat([sims, ref_sims], dim=-1)
-        n_valid += references.shape[0]
-    elif mode != "zero_shot":
+    if mode not in ("zero_shot", "few_shot"):
         raise ValueError(f"unknown MSM mode {mode!r}; use zero_shot, few_shot or musc_plus")
-    return interval_mean_distance(sims, n_valid, interval)
+    n_refs = references.shape[0] if mode == "few_shot" else 0
+    n_valid = n - 1 + n_refs
+    patches = maps.shape[1] * (maps.shape[2] if maps.ndim == 4 else 1)
+    row_bytes = len(tuple(degrees)) * patches * (n + n_refs) * 4
+    if n * row_bytes <= result_budget:
+        sims = max_similarities(maps, None, degrees, progress=progress, **kw)
+        if n_refs:
+            sims = torch.cat([sims, max_similarities(maps, references, degrees, **kw)], dim=-1)
+        return interval_mean_distance(sims, n_valid, interval)
+    rows = max(1, result_budget // row_bytes)
+    out = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sims = max_similarities(maps[start:stop], maps, degrees, **kw)  # R×rows×P×N
+        own = torch.arange(start, stop, device=sims.device)
+        sims[:, own - start, :, own] = -torch.inf  # an image does not score itself
+        if n_refs:
+            sims = torch.cat([sims, max_similarities(maps[start:stop], references, degrees, **kw)], dim=-1)
+        out.append(interval_mean_distance(sims, n_valid, interval))
+        if progress is not None:
+            progress(stop, n)
+    return torch.cat(out, dim=1)
 
 
 def mutual_scores(

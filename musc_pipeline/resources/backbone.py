@@ -239,6 +239,7 @@ class ModelResource(ConfigurableResource):
     batch_size: int = 16
     msm_precision: str = "float32"
     msm_memory_budget_mb: int = 0  # 0: auto (CPU: MSM's measured-best 64 MB; GPU: a quarter of free memory)
+    msm_result_budget_mb: int = 2048  # above it MSM scores in row chunks: memory flat in N, 2× products
     threads: int = 0  # 0: torch's default
 
     def setup_for_execution(self, context) -> None:  # noqa: D102
