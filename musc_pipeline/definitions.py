@@ -24,7 +24,7 @@ def build_definitions(
         assets += build_profile_assets(name, profile, settings, partitions)
         assets += build_profile_summary(name, profile, settings, partitions)
     assets += build_global_assets(settings)
-    jobs, schedules, sensors = build_automation(settings, partitions)
+    jobs, schedules, sensors = build_automation(settings, partitions, executor)
     return Definitions(
         assets=assets,
         jobs=jobs,

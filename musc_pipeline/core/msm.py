@@ -52,8 +52,8 @@ NAMED_INTERVALS: dict[str, Interval] = {
     "paper": PAPER_INTERVAL,
 }
 # Small blocks waste less on the diagonal blocks (multiplied whole) and stay in cache:
-# 64 MB measured fastest on the 2-core CPU (benchmarks/msm.py); GPUs want larger blocks.
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+# 32 MB measured fastest on the 2-core CPU (benchmarks/msm.py); GPUs want larger blocks.
+DEFAULT_MEMORY_BUDGET = 32 * 2**20
 DEFAULT_RESULT_BUDGET = 2 * 2**30
 # G, the j-grid filtered copy, its transposed copy and the i-grid filtered copy.
 _BLOCK_COPIES = 4
@@ -159,16 +159,19 @@ def max_similarities(
     key_maps = queries if symmetric else keys
     m = key_maps.shape[0]
 
+    def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
+        # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
+        return F.normalize(lnamd.window_mean(maps_.float(), r), dim=-1).reshape(len(maps_), p, c).to(dtype)
+
+    # One pass per feature set: per_degree makes one degree's features at a time (memory),
+    # box_filter one pass over Y serving every degree.
     if strategy == "per_degree":
-        # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so the product is the cosine directly
-        q_feats = [F.normalize(lnamd.window_mean(queries.float(), r), dim=-1).reshape(n, p, c).to(dtype) for r in degrees]
-        k_feats = q_feats if symmetric else [
-            F.normalize(lnamd.window_mean(key_maps.float(), r), dim=-1).reshape(m, p, c).to(dtype) for r in degrees
-        ]
+        passes = [((ri,), lambda r=r: (unit(queries, r), None if symmetric else unit(key_maps, r)))
+                  for ri, r in enumerate(degrees)]
         copies = 1
     else:
-        q_feats = [queries.reshape(n, p, c).to(dtype)]
-        k_feats = q_feats if symmetric else [key_maps.reshape(m, p, c).to(dtype)]
+        passes = [(tuple(range(len(degrees))),
+                   lambda: (queries.reshape(n, p, c).to(dtype), None if symmetric else key_maps.reshape(m, p, c).to(dtype)))]
         q_norms = {r: lnamd.window_norms(queries.float(), r).reshape(n, p) for r in degrees}
         k_norms = q_norms if symmetric else {
             r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
@@ -191,33 +194,40 @@ def max_similarities(
         prod = feats_q[i0:i1].reshape(-1, c) @ feats_k[j0:j1].reshape(-1, c).T
         return prod.float().reshape(i1 - i0, p, j1 - j0, p)
 
-    for done, (qi, kj) in enumerate(pairs, start=1):
-        i0, i1 = q_blocks[qi]
-        j0, j1 = k_blocks[kj]
-        gram = product(q_feats[0], k_feats[0], i0, i1, j0, j1) if strategy == "box_filter" else None
-        for ri, r in enumerate(degrees):
-            if strategy == "per_degree":
-                sim, transposed = product(q_feats[ri], k_feats[ri], i0, i1, j0, j1), False
-            else:
-                sim, transposed = _block_similarities(gram, grid, r)
-                qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
-                if transposed:  # bj×P×bi×P
-                    sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
+    done, total = 0, len(pairs) * len(passes)
+    for degree_indices, make_features in passes:
+        q_feats, k_feats = make_features()
+        k_feats = q_feats if k_feats is None else k_feats
+        for qi, kj in pairs:
+            i0, i1 = q_blocks[qi]
+            j0, j1 = k_blocks[kj]
+            gram = product(q_feats, k_feats, i0, i1, j0, j1)
+            for ri in degree_indices:
+                if strategy == "per_degree":
+                    sim, transposed = gram, False
                 else:
-                    sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
-            if transposed:  # bj×P×bi×P
-                rows = sim.amax(dim=1).permute(1, 2, 0)  # bi×P×bj: query i vs key j
-                cols = sim.amax(dim=3) if symmetric else None  # bj×P×bi
-            else:  # bi×P×bj×P
-                rows = sim.amax(dim=3)
-                cols = sim.amax(dim=1).permute(1, 2, 0) if symmetric else None
-            out[ri, i0:i1, :, j0:j1] = rows
-            if symmetric and kj != qi:
-                out[ri, j0:j1, :, i0:i1] = cols
-            del sim
-        del gram
-        if progress is not None:
-            progress(done, len(pairs))
+                    r = degrees[ri]
+                    sim, transposed = _block_similarities(gram, grid, r)
+                    qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
+                    if transposed:  # bj×P×bi×P
+                        sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
+                    else:
+                        sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
+                if transposed:  # bj×P×bi×P
+                    rows = sim.amax(dim=1).permute(1, 2, 0)  # bi×P×bj: query i vs key j
+                    cols = sim.amax(dim=3) if symmetric else None  # bj×P×bi
+                else:  # bi×P×bj×P
+                    rows = sim.amax(dim=3)
+                    cols = sim.amax(dim=1).permute(1, 2, 0) if symmetric else None
+                out[ri, i0:i1, :, j0:j1] = rows
+                if symmetric and kj != qi:
+                    out[ri, j0:j1, :, i0:i1] = cols
+                del sim
+            del gram
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        del q_feats, k_feats
     if symmetric:
         idx = torch.arange(n, device=out.device)
         out[:, idx, :, idx] = -torch.inf

@@ -35,6 +35,7 @@ from musc_pipeline.core.preprocess import image_tensor
 from musc_pipeline.settings import BackboneSettings
 
 OFFLINE_DEFAULT = "efficientnet_lite0"
+CPU_BATCH = 16
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -236,9 +237,9 @@ class ModelResource(ConfigurableResource):
     """
 
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 0  # 0: auto (CPU: 16; CUDA: from free memory and a 1-image probe)
     msm_precision: str = "float32"
-    msm_memory_budget_mb: int = 0  # 0: auto (CPU: MSM's measured-best 64 MB; GPU: a quarter of free memory)
+    msm_memory_budget_mb: int = 0  # 0: auto (CPU: MSM's measured-best 32 MB; GPU: a quarter of free memory)
     msm_result_budget_mb: int = 2048  # above it MSM scores in row chunks: memory flat in N, 2× products
     threads: int = 0  # 0: torch's default
 
@@ -291,13 +292,22 @@ class ModelResource(ConfigurableResource):
         batch: list[torch.Tensor] = []
         done = 0
 
+        batch_size = self.batch_size or (1 if self.torch_device.type == "cuda" else CPU_BATCH)
+
         def flush() -> None:
-            nonlocal done
+            nonlocal done, batch_size
             x = torch.stack(batch).to(self.torch_device)
+            if not self.batch_size and self.torch_device.type == "cuda" and done == 0:
+                torch.cuda.reset_peak_memory_stats(self.torch_device)
+                before = torch.cuda.memory_allocated(self.torch_device)
             out = extractor(x)
             for store, t in zip(taps, out.taps):
                 store.append(t.float().cpu().numpy())
             tokens.append(out.embedding.cpu().numpy())
+            if not self.batch_size and self.torch_device.type == "cuda" and done == 0:
+                per_image = max(1, torch.cuda.max_memory_allocated(self.torch_device) - before)
+                free, _ = torch.cuda.mem_get_info(self.torch_device)
+                batch_size = int(max(1, min(256, free // 2 // per_image)))
             done += len(batch)
             batch.clear()
             if progress:
@@ -305,7 +315,7 @@ class ModelResource(ConfigurableResource):
 
         for rgb in images:
             batch.append(image_tensor(rgb, size, spec.mean, spec.std, spec.interpolation))
-            if len(batch) == self.batch_size:
+            if len(batch) == batch_size:
                 flush()
         if batch:
             flush()
