@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="large categories: our MSM alone at N = 100, 200, 400 (time and peak memory)")
     args = ap.parse_args(argv)
     sizes = args.sizes or ([100, 200, 400] if args.scale else [60] if args.quick else [60, 120])
-    budgets_mb = [] if args.quick or args.scale else [32]
+    budgets_mb = [] if args.quick or args.scale else [8, 128]
 
     import numpy as np
     import torch
@@ -254,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         "growth during the timed call. max |Δ score|: vs straightforward, all degrees."
     )
     n = largest
-    feats = len(DEGREES) * n * p * CHANNELS * 4 / MB
+    feats = n * p * CHANNELS * 4 / MB
     result = len(DEGREES) * n * p * n * 4 / MB
     print(
         f"per_degree multiplies once per degree (3·U FLOPs), so its floor % is at most 33 %. The memory\n"
-        f"budget bounds only the similarity blocks; at N = {n} the per-degree unit features "
-        f"(3·N·P·C float32 = {feats:.0f} MB) and the\nR×N×P×N result ({result:.0f} MB) come on top and grow with N."
+        f"budget bounds only the similarity blocks; at N = {n} the unit features of one degree "
+        f"(N·P·C float32 = {feats:.0f} MB) and the\nR×N×P×N result ({result:.0f} MB; row chunks bound it) "
+        f"come on top and grow with N."
     )
     print("load average at end (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg())
           + f" — other processes on these {os.cpu_count()} CPUs make timings noisy when it exceeds {THREADS}")
