@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetKey, DagsterInstance, SkipReason, build_schedule_context, build_sensor_context
+from dagster import AssetKey, DagsterInstance, build_schedule_context, build_sensor_context
 
 from conftest import small_settings
 from musc_pipeline.assets.pipeline import backbone_fingerprint

@@ -17,7 +17,7 @@ from dagster import AssetKey, DagsterInstance
 from conftest import REPO, small_settings
 from musc_pipeline.core import rscin
 from musc_pipeline.definitions import build_definitions
-from musc_pipeline.settings import MethodSettings, load_settings
+from musc_pipeline.settings import load_settings
 
 PER_CATEGORY = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
                 "rscin_scores", "category_metrics"]

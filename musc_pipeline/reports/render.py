@@ -321,7 +321,7 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Re
 
 
 def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -> list[dict]:
-    (ra, da), (rb, db) = a, b
+    (_, da), (_, db) = a, b
     sections = []
     for dataset in dict.fromkeys(_datasets(da) + _datasets(db)):
         pa, pb = da[da["dataset"] == dataset], db[db["dataset"] == dataset]
