@@ -141,3 +141,19 @@ def test_few_shot_modes_through_the_assets(tmp_path, mini_root):
         scores[mode] = pd.read_parquet(Path(settings.storage) / "musc" / "rscin_scores" / "mini" / "cat1.parquet")["score_msm"]
     assert not np.allclose(scores["zero_shot"], scores["few_shot"])
     assert not np.allclose(scores["few_shot"], scores["musc_plus"])
+
+
+def test_figures_and_html_report_assets(tmp_path, mini_root):
+    settings = small_settings(tmp_path, mini_root)
+    defs = build_definitions(settings)
+    instance = DagsterInstance.ephemeral()
+    assert _materialize(defs, PER_CATEGORY + ["category_figures"], instance).success
+    job = defs.resolve_implicit_global_asset_job_def()
+    keys = [AssetKey(["musc", "metrics_table"]), AssetKey(["html_report"])]
+    assert job.execute_in_process(instance=instance, asset_selection=keys).success
+    reports = Path(settings.reports_dir)
+    figures = reports / "figures" / "musc" / "mini" / "cat1"
+    assert {p.name for p in figures.glob("*.png")} >= {"cat1_qualitative.png", "cat1_histograms.png", "cat1_curves.png"}
+    page = (reports / "musc_mini.html").read_text()
+    assert "cat1" in page and "figures/musc/mini/cat1/" in page
+    assert (reports / "index.html").is_file()

@@ -304,14 +304,11 @@ def build_profile_assets(
         else:
             img = metrics.image_metrics(labels.to_numpy(int), scores["score_rscin"].to_numpy())
             values, notes = dict(img.values), list(img.notes)
-            if manifest.loc[manifest["label"] == 1, "mask_path"].isna().any():
+            gt = ground_truth(manifest, size, method.mask_rule)
+            if gt is None:
                 values |= {k: math.nan for k in metrics.PIXEL_METRICS}
                 notes.append("no ground-truth masks: pixel metrics n/a")
             else:
-                gt = np.zeros(amaps.arrays["maps"].shape, dtype=bool)
-                for i, row in enumerate(manifest.itertuples()):
-                    if isinstance(row.mask_path, str):
-                        gt[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), size, method.mask_rule)
                 px = metrics.pixel_metrics(gt, amaps.arrays["maps"])
                 values |= px.values
                 notes += px.notes
@@ -340,6 +337,17 @@ def build_profile_assets(
         yield from metric_checks(row, previous)
 
     return [image_manifest, backbone_features, lnamd_features, msm_scores, anomaly_maps, rscin_scores, category_metrics]
+
+
+def ground_truth(manifest: pd.DataFrame, size: int, rule: str) -> np.ndarray | None:
+    """N×S×S ground-truth masks by ``rule``, or None when labels or masks are missing."""
+    if manifest["label"].isna().any() or manifest.loc[manifest["label"] == 1, "mask_path"].isna().any():
+        return None
+    gt = np.zeros((len(manifest), size, size), dtype=bool)
+    for i, row in enumerate(manifest.itertuples()):
+        if isinstance(row.mask_path, str):
+            gt[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), size, rule)
+    return gt
 
 
 REGRESSION_TOLERANCE = 0.02

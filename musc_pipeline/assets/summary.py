@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from dagster import (
     AllPartitionMapping,
@@ -20,11 +19,10 @@ from dagster import (
 )
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.assets.pipeline import _md_table, run_facts
+from musc_pipeline.assets.pipeline import _md_table, ground_truth, run_facts
 from musc_pipeline.core import metrics
-from musc_pipeline.core.preprocess import mask_array
 from musc_pipeline.reports import figures, render
-from musc_pipeline.resources.datasets import read_image, read_mask
+from musc_pipeline.resources.datasets import read_image
 from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
 from musc_pipeline.settings import ProfileSettings, Settings
 
@@ -88,18 +86,13 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         size = int(amaps.meta["image_size"])
         labels = scores["label"].fillna(-1).to_numpy(int)
         maps_ = amaps.arrays["maps"]
-        masks = None
-        if manifest["label"].notna().all() and not manifest.loc[manifest["label"] == 1, "mask_path"].isna().any():
-            masks = np.zeros(maps_.shape, dtype=bool)
-            for i, row in enumerate(manifest.itertuples()):
-                if isinstance(row.mask_path, str):
-                    masks[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), size)
+        masks = ground_truth(manifest, size, profile.method.mask_rule)
         images = [read_image(p) for p in manifest["path"]]
         s = scores["score_rscin"].to_numpy()
         made = {
-            "qualitative": figures.qualitative(out_dir, "qualitative", images, masks, maps_, s, labels, list(manifest["image_id"])),
-            "histograms": figures.histograms(out_dir, "histograms", s, labels, maps_, masks),
-            "curves": figures.curves(out_dir, "curves", s, labels),
+            "qualitative": figures.qualitative(out_dir, category, images, masks, maps_, s, labels, list(manifest["image_id"])),
+            "histograms": figures.histograms(out_dir, category, s, labels, maps_, masks),
+            "curves": figures.curves(out_dir, category, s, labels),
         }
         made = {k: str(Path(v).name) for k, v in made.items() if v}
         (out_dir / "figures.json").write_text(json.dumps(made))
