@@ -37,6 +37,7 @@ from dagster import (
 
 from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, subsets
 from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.reports.render import load_reference
 from musc_pipeline.resources.backbone import ModelResource, resolve_name
 from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask, scan_category
 from musc_pipeline.resources.storage import ArrayBundle
@@ -378,9 +379,7 @@ def metric_checks(row: dict, previous: dict):
 
 def reference_row(dataset: str, category: str) -> dict[str, float]:
     """The paper's numbers for a category (fractions), or {} where the paper has none."""
-    if not REFERENCE_CSV.is_file():
-        return {}
-    ref = pd.read_csv(REFERENCE_CSV)
+    ref = load_reference(REFERENCE_CSV)
     hit = ref[(ref["dataset"] == dataset) & (ref["category"] == category)]
     if hit.empty:
         return {}

@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.assets.pipeline import _md_table, ground_truth, run_facts
+from musc_pipeline.assets.pipeline import REFERENCE_CSV, _md_table, ground_truth, run_facts
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
@@ -147,7 +147,7 @@ def build_global_assets(settings: Settings) -> list:
                 profile=p, description=settings.profiles[p].description, metrics=df,
                 facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
             ))
-        reference = render.load_reference(Path(__file__).resolve().parents[1] / "reports" / "reference_results.csv")
+        reference = render.load_reference(REFERENCE_CSV)
         index = render.render_reports(out_dir, runs, reference)
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})

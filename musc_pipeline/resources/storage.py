@@ -123,8 +123,7 @@ class ArrayIOManager(_Base):
         from safetensors.numpy import load
 
         data = path.read_bytes()
-        with io.BytesIO(data):
-            arrays = load(data)
+        arrays = load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
         return ArrayBundle(arrays, json.loads(header.get("__metadata__", {}).get("meta", "{}")))
