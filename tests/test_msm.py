@@ -429,3 +429,39 @@ def test_row_chunks_beyond_the_result_budget_give_the_same_scores(mode):
                                    progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 9), (4, 9), (6, 9), (8, 9), (9, 9)]  # five row chunks, not one symmetric pass
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+def test_score_stages_scores_each_subset_of_each_stage_on_its_own():
+    """A category: 2 stages, 3 subsets; every subset is scored only against its own images."""
+    from musc_pipeline.core import subsets
+
+    n, h, w, c = 9, 3, 3, 6
+    stage_tokens = [_tokens(300 + l, n=n, h=h, w=w, c=c) for l in range(2)]
+    groups = subsets.divide(["good"] * 5 + ["crack"] * 4, 3, seed=1)
+    labels = []
+    got = msm.score_stages([_y(t) for t in stage_tokens], groups, (1, 3),
+                           progress=lambda label, done, total: labels.append(label))
+    assert got.shape == (n, 2, 2, h * w) and got.dtype == torch.float32
+    for idx in groups:
+        for l, tokens in enumerate(stage_tokens):
+            want = _ref_by_degree(tokens[idx], (1, 3))  # R×n_sub×P, the subset alone
+            np.testing.assert_allclose(got[idx, l].permute(1, 0, 2).numpy(), want, rtol=0, atol=ATOL)
+    assert sorted(set(labels)) == [f"subset {g}/3, stage {l}/2" for g in (1, 2, 3) for l in (1, 2)]
+
+
+def test_float16_blocks_do_not_change_the_scores():
+    """float16 blocks are reduced in float16 (maxima are exact in any precision): the result
+    is the same however the image pairs are blocked, and the blocks are sized by 2-byte items."""
+    y = _y(_tokens(89, n=7, h=4, w=4, c=16))
+    one_pair_fp16 = 16 * 16 * 2  # bytes of one P×P block in float16
+    totals = {}
+    for dtype in (torch.float16, torch.float32):
+        calls = []
+        msm.max_similarities(y, None, (1,), memory_budget=4 * one_pair_fp16, dtype=dtype,
+                             progress=lambda done, total: calls.append(total))
+        totals[dtype] = calls[-1]
+    # float16: 2 images per block -> 4 blocks, 10 block pairs; float32: 1 image, 28 pairs
+    assert totals == {torch.float16: 10, torch.float32: 28}
+    whole = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16)
+    blocked = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16, memory_budget=one_pair_fp16)
+    torch.testing.assert_close(blocked, whole, atol=0, rtol=0)

@@ -57,6 +57,14 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     assert first["image_auroc"] > 0.8 and first["pixel_auroc"] > 0.8
     assert first["backbone"] == "efficientnet_lite0" and not first["random_init"]
     assert all(ev.passed for ev in result.get_asset_check_evaluations())
+    # per stage: time per image and peak memory, the GPU peak only where a stage ran on CUDA (none here)
+    assert all(first[f"{stage}_ms_per_image"] > 0 for stage in ("features", "msm", "maps"))
+    assert first["peak_rss_mb"] > 100 and np.isnan(first["peak_gpu_mb"])
+    meta = {ev.asset_key.path[-1]: ev.materialization.metadata for ev in result.get_asset_materialization_events()}
+    assert meta["backbone_features"]["batch_size"].value == 16  # CPU_BATCH
+    for stage in ("backbone_features", "lnamd_features", "msm_scores", "anomaly_maps"):
+        assert meta[stage]["ms_per_image"].value > 0 and meta[stage]["peak_rss_mb"].value > 100
+        assert "peak_gpu_mb" not in meta[stage]
 
     # Only the RsCIN window list changes: only rscin_scores and category_metrics get new code versions.
     settings2 = small_settings(tmp_path, mini_root, rscin_windows=(1, 5))

@@ -79,3 +79,18 @@ def test_windows_by_dataset():
     assert rscin.windows_for("mvtec_ad") == (1, 2, 3)
     assert rscin.windows_for("visa") == (1, 8, 9)
     assert rscin.windows_for("btad") == (1, 2, 3)
+
+
+def test_class_tokens_of_any_scale_give_the_cosine_graph():
+    scores, tokens = _data(31, n=10)
+    scaled = tokens * np.random.default_rng(32).uniform(0.1, 50, (10, 1))
+    got = rscin.rescore(torch.from_numpy(scores), torch.from_numpy(scaled), (1, 2, 3)).numpy()
+    np.testing.assert_allclose(got, reference.rscin(scores, tokens, (1, 2, 3)), atol=1e-12)
+
+
+def test_opposite_embeddings_are_refused_not_divided_by_zero():
+    tokens = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    scores = torch.tensor([0.1, 0.9])
+    rscin.rescore(scores, tokens, (1,))  # k = 1: each image alone, defined
+    with pytest.raises(ValueError, match=r"window k = 2.*image\(s\) \[0, 1\]"):
+        rscin.rescore(scores, tokens, (1, 2))

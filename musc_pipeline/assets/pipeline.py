@@ -13,8 +13,6 @@ so editing a profile in ``musc.yaml`` marks exactly the affected stages stale.
 import json
 import math
 import platform
-import resource
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,14 +36,14 @@ from dagster import (
 from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, subsets
 from musc_pipeline.core.preprocess import mask_array
 from musc_pipeline.reports.render import load_reference
-from musc_pipeline.resources.backbone import ModelResource, resolve_name
+from musc_pipeline.resources.backbone import ModelResource, measure, resolve_name
 from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask, scan_category
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import ProfileSettings, Settings, fingerprint
 from musc_pipeline.assets.partitions import split_key
 
-#: Bump an entry when the code of that stage changes its results.
-CODE_REVISION = {"manifest": 1, "features": 1, "lnamd": 1, "msm": 1, "maps": 1, "rscin": 1, "metrics": 1}
+#: Bump an entry when the code of that stage changes its results or the format it stores.
+CODE_REVISION = {"manifest": 1, "features": 2, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 1, "metrics": 2}
 #: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
 MODEL_POOL = "musc_model"
 
@@ -61,19 +59,9 @@ def _progress(context: AssetExecutionContext, what: str) -> Callable[[int, int],
     return report
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _peak_gpu_mb() -> float | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return None
-
-
-def _timing(seconds: float, n: int) -> dict[str, str]:
-    return {"seconds": f"{seconds:.3f}", "ms_per_image": f"{1000 * seconds / max(n, 1):.1f}",
-            "peak_rss_mb": f"{_peak_rss_mb():.0f}", "peak_gpu_mb": str(_peak_gpu_mb())}
+def _timing_metadata(timing: dict) -> dict:
+    """A stage's timing as UI metadata (the GPU peak only where the stage ran on CUDA)."""
+    return {k: MetadataValue.float(float(v)) for k, v in timing.items() if k != "seconds" and v is not None}
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -173,12 +161,11 @@ def build_profile_assets(
                 files = ", ".join(manifest["path"][bad].head(5))
                 raise ValueError(f"backbone {emb.identity.backbone} produced NaN/inf features ({k}) for: {files}")
         ident = emb.identity.as_dict()
-        bundle = ArrayBundle(arrays, {"identity": json.dumps(ident), "timing": json.dumps(_timing(emb.seconds, len(manifest))),
+        timing = emb.measured.per_image(len(manifest))
+        bundle = ArrayBundle(arrays, {"identity": json.dumps(ident), "timing": json.dumps(timing),
                                       "image_ids": json.dumps(list(manifest["image_id"]))})
-        meta = {f"identity/{k}": str(v) for k, v in ident.items()} | {
-            "shapes": MetadataValue.json(bundle.describe()),
-            "ms_per_image": 1000 * emb.seconds / len(manifest),
-            "peak_rss_mb": _peak_rss_mb(),
+        meta = {f"identity/{k}": str(v) for k, v in ident.items()} | _timing_metadata(timing) | {
+            "shapes": MetadataValue.json(bundle.describe()), "batch_size": emb.batch_size,
         }
         if ident["random_init"]:
             meta["WARNING"] = "randomly initialised backbone: features are not from a pretrained model"
@@ -198,12 +185,11 @@ def build_profile_assets(
         (:func:`musc_pipeline.core.lnamd.aggregate`); MSM scores all degrees from Y_l with
         one product per image pair, so Y_l is what is stored.
         """
-        start = time.perf_counter()
-        ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(features.arrays[f"tap{i}"])).numpy() for i in range(4)}
-        n = ys["y0"].shape[0]
-        timing = _timing(time.perf_counter() - start, n)
+        with measure(torch.device("cpu")) as measured:
+            ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(features.arrays[f"tap{i}"])).numpy() for i in range(4)}
+        timing = measured.per_image(len(ys["y0"]))
         bundle = ArrayBundle(ys, features.meta | {"timing": json.dumps(timing)})
-        return Output(bundle, metadata={"shapes": MetadataValue.json(bundle.describe()), "ms_per_image": float(timing["ms_per_image"])})
+        return Output(bundle, metadata={"shapes": MetadataValue.json(bundle.describe())} | _timing_metadata(timing))
 
     @asset(name="msm_scores", io_manager_key="arrays", code_version=versions["msm"],
            ins={"lnamd_maps": AssetIn(key("lnamd_features")), "manifest": AssetIn(key("image_manifest"))},
@@ -214,52 +200,48 @@ def build_profile_assets(
 
         Stored per stage and degree so ablations re-aggregate without recomputing.
         """
-        start = time.perf_counter()
-        device = model.torch_device
         ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
         n, h, w, _ = ys[0].shape
         refs = _reference_maps(model, profile, method) if method.mode != "zero_shot" else None
         groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed)
-        out = np.zeros((n, 4, len(method.degrees), h * w), dtype=np.float32)
-        for gi, idx in enumerate(groups):
-            for l, y in enumerate(ys):
-                what = f"MSM blocks done (subset {gi + 1}/{len(groups)}, stage {l + 1}/4)"
-                s = msm.scores_by_degree(
-                    y[idx].to(device), method.degrees, method.interval,
-                    references=None if refs is None else refs[l].to(device), mode=method.mode,
-                    memory_budget=model.msm_memory_budget, result_budget=model.msm_result_budget_mb * 2**20,
-                    dtype=model.msm_dtype,
-                    progress=_progress(context, what),
-                )  # R×n_sub×P
-                out[idx, l] = s.permute(1, 0, 2).float().cpu().numpy()
+        reporters: dict[str, Callable[[int, int], None]] = {}
+
+        def progress(label: str, done: int, total: int) -> None:  # one log line per 10 % per subset and stage
+            reporters.setdefault(label, _progress(context, f"MSM blocks done ({label})"))(done, total)
+
+        with measure(model.torch_device) as measured:
+            out = msm.score_stages(
+                ys, groups, method.degrees, method.interval, references=refs, mode=method.mode,
+                device=model.torch_device, memory_budget=model.msm_memory_budget,
+                result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype, progress=progress,
+            ).numpy()
         bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
         if bad.any():
             raise ValueError(f"MSM produced non-finite scores for: {', '.join(manifest['path'][bad].head(5))}")
-        timing = _timing(time.perf_counter() - start, n)
+        timing = measured.per_image(n)
         bundle = ArrayBundle({"scores": out}, {
             "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
             "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
         })
-        return Output(bundle, metadata={"shape": str(list(out.shape)), "ms_per_image": float(timing["ms_per_image"]),
-                                        "peak_rss_mb": _peak_rss_mb()})
+        return Output(bundle, metadata={"shape": str(list(out.shape))} | _timing_metadata(timing))
 
     @asset(name="anomaly_maps", io_manager_key="arrays", code_version=versions["maps"],
            ins={"scores": AssetIn(key("msm_scores")), "features": AssetIn(key("backbone_features"))},
            kinds={"pytorch", "safetensors"}, **common)
     def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle) -> Output[ArrayBundle]:
         """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
-        start = time.perf_counter()
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
-        patch = maps.patch_scores(torch.from_numpy(scores.arrays["scores"]))
-        amaps = maps.anomaly_maps(patch, grid, ident["image_size"], method.smoothing_sigma)
-        image = maps.image_scores(amaps)
-        timing = _timing(time.perf_counter() - start, len(image))
+        with measure(torch.device("cpu")) as measured:
+            patch = maps.patch_scores(torch.from_numpy(scores.arrays["scores"]))
+            amaps = maps.anomaly_maps(patch, grid, ident["image_size"], method.smoothing_sigma)
+            image = maps.image_scores(amaps)
+        timing = measured.per_image(len(image))
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
         top = int(torch.argmax(image))
-        return Output(bundle, metadata={"shape": str(list(amaps.shape)),
+        return Output(bundle, metadata={"shape": str(list(amaps.shape))} | _timing_metadata(timing) | {
                                         "preview (highest-scoring image)": MetadataValue.md(map_preview_png(amaps[top].numpy()))})
 
     @asset(name="rscin_scores", io_manager_key="tables", code_version=versions["rscin"],
@@ -321,10 +303,13 @@ def build_profile_assets(
                "random_init": bool(ident["random_init"]), "image_size": ident["image_size"],
                "mask_rule": method.mask_rule, "config": fingerprint(profile),
                "materialized_at": datetime.now(timezone.utc).isoformat()}
-        for stage, meta in (("features", features.meta), ("msm", msm_out.meta), ("maps", amaps.meta)):
-            t = json.loads(meta.get("timing", "{}"))
-            row[f"{stage}_ms_per_image"] = float(t.get("ms_per_image", "nan"))
-        row["peak_rss_mb"] = _peak_rss_mb()
+        stage_timings = [json.loads(meta["timing"]) for meta in (features.meta, msm_out.meta, amaps.meta)]
+        for stage, t in zip(("features", "msm", "maps"), stage_timings):
+            row[f"{stage}_ms_per_image"] = float(t["ms_per_image"])
+        # each stage may have run in its own process: the category's peaks are the stages' maxima
+        row["peak_rss_mb"] = float(max(t["peak_rss_mb"] for t in stage_timings))
+        gpu = [t["peak_gpu_mb"] for t in stage_timings if t["peak_gpu_mb"] is not None]
+        row["peak_gpu_mb"] = float(max(gpu)) if gpu else math.nan
         previous = _previous_metrics(context, key("category_metrics"))
         for k in metrics.IMAGE_METRICS + metrics.PIXEL_METRICS:
             row[f"previous_{k}"] = previous.get(k, math.nan)
@@ -429,6 +414,8 @@ def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFr
             col = f"{stage}_ms_per_image"
             facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
         facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
+        if metrics_df["peak_gpu_mb"].notna().any():
+            facts["peak GPU memory (allocated by torch, MB, max)"] = f"{metrics_df['peak_gpu_mb'].max():.0f}"
     facts["method"] = profile.method.model_dump_json()
     facts["backbone settings"] = profile.backbone.model_dump_json()
     facts["subsets"] = str(profile.method.subsets)

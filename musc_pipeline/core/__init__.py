@@ -10,5 +10,4 @@ Modules, in the order data flows through them:
 - :mod:`rscin`       re-scoring with constrained image-level neighbourhood (RsCIN)
 - :mod:`subsets`     subset division of a large test set
 - :mod:`metrics`     image/pixel AUROC, AP, F1-max and PRO
-- :mod:`pipeline`    composes the above for one category
 """

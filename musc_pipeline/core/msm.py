@@ -168,7 +168,7 @@ def max_similarities(
     if strategy == "per_degree":
         passes = [((ri,), lambda r=r: (unit(queries, r), None if symmetric else unit(key_maps, r)))
                   for ri, r in enumerate(degrees)]
-        copies = 1
+        copies, itemsize = 1, torch.finfo(dtype).bits // 8
     else:
         passes = [(tuple(range(len(degrees))),
                    lambda: (queries.reshape(n, p, c).to(dtype), None if symmetric else key_maps.reshape(m, p, c).to(dtype)))]
@@ -176,10 +176,10 @@ def max_similarities(
         k_norms = q_norms if symmetric else {
             r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
         }
-        copies = _BLOCK_COPIES
+        copies, itemsize = _BLOCK_COPIES + (dtype != torch.float32), 4  # + the product before float()
 
     out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
-    b = block_size(p, memory_budget, copies)
+    b = block_size(p, memory_budget, copies, itemsize)
     q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
     k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
     pairs = [
@@ -190,9 +190,10 @@ def max_similarities(
     ]
 
     def product(feats_q: torch.Tensor, feats_k: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
-        # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P, accumulated in `dtype`, reduced in float32
-        prod = feats_q[i0:i1].reshape(-1, c) @ feats_k[j0:j1].reshape(-1, c).T
-        return prod.float().reshape(i1 - i0, p, j1 - j0, p)
+        # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`. per_degree only takes maxima, which are
+        # exact in any precision, so the block stays in `dtype`; box filtering sums, in float32.
+        prod = (feats_q[i0:i1].reshape(-1, c) @ feats_k[j0:j1].reshape(-1, c).T).reshape(i1 - i0, p, j1 - j0, p)
+        return prod if strategy == "per_degree" else prod.float()
 
     done, total = 0, len(pairs) * len(passes)
     for degree_indices, make_features in passes:
@@ -321,3 +322,41 @@ def mutual_scores(
     if z.ndim != 3:
         raise ValueError(f"z must be N×P×C, got shape {tuple(z.shape)}")
     return scores_by_degree(z.unsqueeze(2), (1,), interval, memory_budget=memory_budget)[0]
+
+
+def score_stages(
+    stage_maps: Sequence[torch.Tensor],
+    groups: Sequence[Sequence[int]],
+    degrees: Sequence[int] = lnamd.DEGREES,
+    interval: Interval | str = PAPER_INTERVAL,
+    *,
+    references: Sequence[torch.Tensor] | None = None,
+    mode: Mode = "zero_shot",
+    device: torch.device | str = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    result_budget: int = DEFAULT_RESULT_BUDGET,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> torch.Tensor:
+    """MSM of a whole category: every stage l, every degree r, each subset on its own.
+
+    stage_maps: L tensors N×h×w×C (layer-normed Y_l, any device); groups: the image indices
+    of each subset (:func:`musc_pipeline.core.subsets.divide`); references: L tensors of the
+    normal references' maps for the few-shot modes. Each subset and stage is moved to
+    ``device`` in turn, so the device holds one subset of one stage at a time.
+    Returns s_{l,r}(i, m) as N×L×R×P float32 on the CPU.
+    """
+    n, h, w, _ = stage_maps[0].shape
+    out = torch.zeros((n, len(stage_maps), len(tuple(degrees)), h * w), dtype=torch.float32)
+    for gi, idx in enumerate(groups):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        for l, y in enumerate(stage_maps):
+            label = f"subset {gi + 1}/{len(groups)}, stage {l + 1}/{len(stage_maps)}"
+            s = scores_by_degree(
+                y[idx].to(device), degrees, interval,
+                references=None if references is None else references[l].to(device), mode=mode,
+                memory_budget=memory_budget, result_budget=result_budget, dtype=dtype,
+                progress=None if progress is None else (lambda done, total, label=label: progress(label, done, total)),
+            )  # R×n_sub×P
+            out[idx, l] = s.permute(1, 0, 2).float().cpu()
+    return out

@@ -1,6 +1,6 @@
 """RsCIN: Re-scoring with Constrained Image-level Neighbourhood (paper §3.4, SPEC §5).
 
-Inputs: image scores c (N) and L2-normalised class tokens T (N×D).
+Inputs: image scores c (N) and class tokens T (N×D), L2-normalised here.
 
     ĉ     = (c − min c) / (max c − min c)
     W     = T Tᵀ                              cosine similarities, W_ii = 1
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 WINDOWS_BY_DATASET = {"mvtec_ad": (1, 2, 3), "visa": (1, 8, 9)}
 DEFAULT_WINDOWS = (1, 2, 3)
@@ -39,20 +40,28 @@ def min_max(scores: torch.Tensor) -> torch.Tensor:
 def rescore(
     scores: torch.Tensor, class_tokens: torch.Tensor, windows: Sequence[int] = DEFAULT_WINDOWS
 ) -> torch.Tensor:
-    """scores: N, class_tokens: N×D (L2-normalised) -> N float64 re-scored image scores."""
+    """scores: N, class_tokens: N×D (any scale) -> N float64 re-scored image scores."""
     n = scores.shape[0]
     if class_tokens.shape[0] != n:
         raise ValueError(f"{n} scores but {class_tokens.shape[0]} class tokens")
     if not windows or any(k < 1 for k in windows):
         raise ValueError(f"RsCIN windows must be positive integers, got {tuple(windows)}")
     c = min_max(scores)
-    t = class_tokens.double()
+    t = F.normalize(class_tokens.double(), dim=1)  # cosine similarities whatever the backbone's scale
     w = t @ t.T  # N×N
     out = torch.zeros_like(c)
     for k in windows:
         k = min(int(k), n)
         top = torch.topk(w, k=k, dim=1)
         w_k = torch.zeros_like(w).scatter_(1, top.indices, top.values)
-        p_k = w_k / w_k.sum(dim=1, keepdim=True)
-        out += p_k @ c
+        sums = w_k.sum(dim=1, keepdim=True)
+        zero = sums[:, 0].abs() < 1e-9  # the self-similarity 1 cancelled by opposite neighbours
+        if zero.any():
+            raise ValueError(
+                f"RsCIN window k = {k}: the class-token similarities of image(s) "
+                f"{torch.nonzero(zero)[:5, 0].tolist()} to their {k} nearest images sum to zero "
+                "(opposite embeddings), so their weighted average is undefined; use smaller "
+                "windows (method.rscin_windows)"
+            )
+        out += (w_k / sums) @ c
     return out / len(windows)

@@ -20,8 +20,10 @@ import hashlib
 import importlib
 import importlib.metadata
 import os
+import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -215,11 +217,43 @@ def resolve_device(device: str) -> torch.device:
 
 
 @dataclass
+class Measured:
+    """Wall time and peak memory of one block of work (filled in by :func:`measure`)."""
+
+    seconds: float = float("nan")
+    peak_rss_mb: float = float("nan")  # the process's peak resident memory so far (Linux never resets it)
+    peak_gpu_mb: float | None = None  # CUDA: peak memory allocated by torch within the block
+
+    def per_image(self, n: int) -> dict[str, float | None]:
+        """What every stage records: seconds, ms per image and the two peaks."""
+        return {"seconds": round(self.seconds, 3), "ms_per_image": round(1000 * self.seconds / max(n, 1), 1),
+                "peak_rss_mb": round(self.peak_rss_mb), "peak_gpu_mb": self.peak_gpu_mb and round(self.peak_gpu_mb)}
+
+
+@contextmanager
+def measure(device: torch.device) -> Iterator[Measured]:
+    """Time a block (waiting for the device's queued work) and record its peak memory."""
+    out = Measured()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield out
+    if cuda:
+        torch.cuda.synchronize(device)
+        out.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    out.seconds = time.perf_counter() - start
+    out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+@dataclass
 class Embedded:
     taps: list[np.ndarray]  # 4 × N×h×w×C float32
     class_tokens: np.ndarray  # N×D float32
     identity: Identity
-    seconds: float
+    measured: Measured  # the batches only (not loading the model)
+    batch_size: int  # the last batch size used (on CUDA with batch_size 0: derived from free memory)
 
 
 @lru_cache(maxsize=4)
@@ -286,7 +320,6 @@ class ModelResource(ConfigurableResource):
         """Stage taps and class tokens for decoded RGB images, in batches."""
         extractor, identity = self.extractor(settings)
         spec, size = extractor.spec, extractor.image_size
-        start = time.perf_counter()
         taps: list[list[np.ndarray]] = [[] for _ in spec.taps]
         tokens: list[np.ndarray] = []
         batch: list[torch.Tensor] = []
@@ -313,13 +346,11 @@ class ModelResource(ConfigurableResource):
             if progress:
                 progress(done, count)
 
-        for rgb in images:
-            batch.append(image_tensor(rgb, size, spec.mean, spec.std, spec.interpolation))
-            if len(batch) == batch_size:
+        with measure(self.torch_device) as measured:
+            for rgb in images:
+                batch.append(image_tensor(rgb, size, spec.mean, spec.std, spec.interpolation))
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-        return Embedded(
-            [np.concatenate(t) for t in taps], np.concatenate(tokens), identity,
-            time.perf_counter() - start,
-        )
+        return Embedded([np.concatenate(t) for t in taps], np.concatenate(tokens), identity, measured, batch_size)

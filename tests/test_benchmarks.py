@@ -1,0 +1,27 @@
+"""The benchmark scripts run and print what the README quotes (smoke runs on tiny workloads)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_stage_benchmark_prints_every_stage_for_every_configuration():
+    run = subprocess.run([sys.executable, "benchmarks/stages.py", "--quick", "--subsets", "1", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["N", "s"])
+    header = lines[at]
+    for stage in ("features", "lnamd", "msm", "maps", "rscin"):
+        assert f"{stage} ms" in header
+    rows = [line.split() for line in lines[at + 2 : at + 4]]
+    assert [r[:3] for r in rows] == [["6", "1", "float32"], ["6", "2", "float32"]]
+    for r in rows:
+        features, lnamd, msm, maps, rscin, total = map(float, r[4:10])
+        assert features > 0 and msm > 0
+        assert abs(features + lnamd + msm + maps + rscin - total) < 0.5
+        assert r[10] == r[11] == "—" and float(r[12]) > 100  # no GPU here; process peak RSS in MB
+    assert "998.8 ms/image" in run.stdout
