@@ -12,8 +12,9 @@ Run:  .venv/bin/python benchmarks/stages.py                              (paper 
 
 Stages, each the very call its Dagster asset makes:
 
-- ``features``: ``ModelResource.embed`` (resize and normalise, forward pass, 4 stage taps and
-  the class token, copied back to the host), batch size ``auto`` unless ``--batch-size``;
+- ``features``: ``ModelRuntime.embed``, what the model resource runs (resize and normalise,
+  forward pass, 4 stage taps and the class token, copied back to the host), batch size
+  ``auto`` unless ``--batch-size``;
 - ``lnamd``: ``lnamd.layer_norm_map`` of each tap (the r×r aggregation is formed on the
   device inside MSM, one degree at a time);
 - ``msm``: ``msm.score_stages``, all 4 stages × degrees (1, 3, 5), each subset on its own;
@@ -21,7 +22,7 @@ Stages, each the very call its Dagster asset makes:
 - ``rscin``: ``rscin.rescore`` over the class-token graph.
 
 Images are random RGB (1024² uint8, seeded), made before timing: decoding files is I/O and
-not counted. Each configuration runs in a fresh spawned process, so "peak RSS" is its own.
+not counted. Needs torch, torchvision, open_clip_torch, timm, pydantic and PyYAML, not Dagster. Each configuration runs in a fresh spawned process, so "peak RSS" is its own.
 "GPU alloc" is torch's peak allocated memory over all stages (the model included);
 "GPU reserved" is the caching allocator's peak, closer to what nvidia-smi shows. With
 ``--precision float16`` the table also gives the largest difference of the image scores
@@ -60,12 +61,12 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
     import torch
 
     from musc_pipeline.core import lnamd, maps, msm, rscin, subsets
-    from musc_pipeline.resources.backbone import ModelResource, measure
+    from musc_pipeline.resources.model import ModelRuntime, measure
     from musc_pipeline.settings import BackboneSettings
 
     if threads:
         torch.set_num_threads(threads)
-    model = ModelResource(device=device, msm_precision=precision, batch_size=batch_size)
+    model = ModelRuntime(device=device, msm_precision=precision, batch_size=batch_size)
     dev = model.torch_device
     settings = BackboneSettings(name=backbone, weights="random", image_size=image_size)
     extractor, identity = model.extractor(settings)  # loading is not a stage

@@ -25,3 +25,12 @@ def test_stage_benchmark_prints_every_stage_for_every_configuration():
         assert abs(features + lnamd + msm + maps + rscin - total) < 0.5
         assert r[10] == r[11] == "—" and float(r[12]) > 100  # no GPU here; process peak RSS in MB
     assert "998.8 ms/image" in run.stdout
+
+
+def test_the_model_runtime_needs_no_dagster():
+    """benchmarks/stages.py runs where only torch and a few wheels are (a lent GPU machine)."""
+    code = ("import sys; import musc_pipeline.resources.model, musc_pipeline.core.msm, musc_pipeline.core.rscin; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'duckdb', 'pandas')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

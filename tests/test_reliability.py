@@ -40,7 +40,8 @@ from conftest import DEMO, make_category, small_settings
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.resources import storage
-from musc_pipeline.resources.backbone import ModelResource, WeightsUnavailableError, load_extractor
+from musc_pipeline.resources.backbone import ModelResource
+from musc_pipeline.resources.model import WeightsUnavailableError, load_extractor
 from musc_pipeline.resources.datasets import read_image, read_mask
 from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings
 
@@ -125,7 +126,8 @@ if cfg.get("pause_on"):  # stop (for a SIGKILL) exactly when a finished temp fil
 import duckdb
 from dagster import AssetKey, DagsterInstance
 from musc_pipeline.definitions import build_definitions
-from musc_pipeline.resources.backbone import ModelResource, load_extractor
+from musc_pipeline.resources.backbone import ModelResource
+from musc_pipeline.resources.model import load_extractor
 from musc_pipeline.resources.storage import rebuild_catalog
 from musc_pipeline.settings import BackboneSettings, Settings
 

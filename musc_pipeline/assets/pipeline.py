@@ -36,7 +36,8 @@ from dagster import (
 from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, subsets
 from musc_pipeline.core.preprocess import mask_array
 from musc_pipeline.reports.render import load_reference
-from musc_pipeline.resources.backbone import ModelResource, measure, resolve_name
+from musc_pipeline.resources.backbone import ModelResource
+from musc_pipeline.resources.model import measure, resolve_name
 from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask, scan_category
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import ProfileSettings, Settings, fingerprint
