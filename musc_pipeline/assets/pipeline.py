@@ -415,7 +415,7 @@ def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFr
             col = f"{stage}_ms_per_image"
             facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
         facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
-        if metrics_df["peak_gpu_mb"].notna().any():
+        if metrics_df.get("peak_gpu_mb", pd.Series(dtype=float)).notna().any():  # absent in tables before it
             facts["peak GPU memory (allocated by torch, MB, max)"] = f"{metrics_df['peak_gpu_mb'].max():.0f}"
     facts["method"] = profile.method.model_dump_json()
     facts["backbone settings"] = profile.backbone.model_dump_json()

@@ -230,7 +230,7 @@ class Measured:
     def per_image(self, n: int) -> dict[str, float | None]:
         """What every stage records: seconds, ms per image and the two peaks."""
         return {"seconds": round(self.seconds, 3), "ms_per_image": round(1000 * self.seconds / max(n, 1), 1),
-                "peak_rss_mb": round(self.peak_rss_mb), "peak_gpu_mb": self.peak_gpu_mb and round(self.peak_gpu_mb)}
+                "peak_rss_mb": round(self.peak_rss_mb), "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb)}
 
 
 @contextmanager
