@@ -21,14 +21,14 @@ from musc_pipeline.settings import BackboneSettings
 class ModelResource(ConfigurableResource):
     """Owns the backbones (loaded once per process per configuration) and the compute device.
 
-    Options: see :class:`~musc_pipeline.resources.model.ModelRuntime`.
+    Options and their defaults: :class:`~musc_pipeline.resources.model.ModelRuntime`.
     """
 
-    device: str = "auto"
-    batch_size: int = 0
-    msm_precision: str = "float32"
-    msm_memory_budget_mb: int = 0
-    msm_result_budget_mb: int = 2048
+    device: str = ModelRuntime.device
+    batch_size: int = ModelRuntime.batch_size
+    msm_precision: str = ModelRuntime.msm_precision
+    msm_memory_budget_mb: int = ModelRuntime.msm_memory_budget_mb
+    msm_result_budget_mb: int = ModelRuntime.msm_result_budget_mb
     threads: int = 0  # 0: torch's default
 
     def setup_for_execution(self, context) -> None:  # noqa: D102
