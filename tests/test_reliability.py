@@ -630,6 +630,23 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, 
     assert len(pd.read_parquet(path.path)) == 2
 
 
+def test_a_write_removes_killed_writers_old_temporaries_of_that_file_only(tmp_path):
+    path = UPath(tmp_path / "store" / "musc" / "backbone_features" / "mini" / "cat1.safetensors")
+    Path(path.path).parent.mkdir(parents=True)
+    folder = Path(path.path).parent
+    stale = folder / ".cat1.safetensors.4242.0123abcd.tmp"  # a writer killed two hours ago
+    young = folder / ".cat1.safetensors.4343.4567ef01.tmp"  # maybe a live writer elsewhere
+    other = folder / ".cat2.safetensors.4242.89abcdef.tmp"  # another file's: not this write's business
+    for p in (stale, young, other):
+        p.write_bytes(b"partial")
+    two_hours_ago = time.time() - 2 * 3600
+    for p in (stale, other):
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    storage._atomic_write(path, b"complete")
+    assert Path(path.path).read_bytes() == b"complete"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["cat1.safetensors", young.name, other.name])
+
+
 def test_catalog_sees_only_complete_files_while_a_table_is_written(tmp_path, monkeypatch):
     base = tmp_path / "store"
     path = UPath(base / "musc" / "rscin_scores" / "mini" / "cat1.parquet")

@@ -8,7 +8,9 @@ Writes are atomic: the bytes go to a hidden temporary sibling (``.<name>.<pid>.t
 renamed over the final name only when complete, so a crash leaves either the old file or the
 new one, and the catalog's globs never match a half-written file. A write that fails with an
 exception removes its temporary; only a killed process can leave one behind (hidden, and
-matched by no glob).
+matched by no glob), and the next write of the same file deletes such leftovers once they are
+older than an hour (no live write takes that long; younger ones may belong to a writer on
+another machine sharing the storage).
 
 The DuckDB catalog (``<storage>/catalog.duckdb``) holds only *views* over the Parquet files
 (``read_parquet`` globs), so it never has to be written per partition: the Parquet IO manager
@@ -23,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,21 @@ class ArrayBundle:
         return {k: f"{v.dtype}{list(v.shape)}" for k, v in self.arrays.items()}
 
 
+#: A temporary this old is a killed writer's leftover (a write is one buffered put).
+STALE_TEMP_SECONDS = 3600
+
+
+def _remove_stale_temporaries(path: UPath) -> None:
+    """Delete what killed writers of ``path`` left behind (see the module doc)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                tmp.unlink()
+        except (OSError, AttributeError, TypeError):  # gone meanwhile, or a store without mtimes
+            pass
+
+
 def _atomic_write(path: UPath, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -74,6 +92,7 @@ def _atomic_write(path: UPath, payload: bytes) -> None:
         except Exception:
             pass
         raise
+    _remove_stale_temporaries(path)
 
 
 def _safe_partition(base: UPath, partition: str) -> UPath:
