@@ -18,7 +18,7 @@ Stages, each the very call its Dagster asset makes:
 - ``lnamd``: ``lnamd.layer_norm_map`` of each tap (the r×r aggregation is formed on the
   device inside MSM, one degree at a time);
 - ``msm``: ``msm.score_stages``, all 4 stages × degrees (1, 3, 5), each subset on its own;
-- ``maps``: ``maps.patch_scores`` + ``maps.anomaly_maps`` (bilinear to S×S) + ``image_scores``;
+- ``maps``: ``maps.from_msm_scores`` (mean over stages and degrees, bilinear to S×S, max);
 - ``rscin``: ``rscin.rescore`` over the class-token graph.
 
 Images are random RGB (1024² uint8, seeded), made before timing: decoding files is I/O and
@@ -69,7 +69,7 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
     model = ModelRuntime(device=device, msm_precision=precision, batch_size=batch_size)
     dev = model.torch_device
     settings = BackboneSettings(name=backbone, weights="random", image_size=image_size)
-    extractor, identity = model.extractor(settings)  # loading is not a stage
+    _, identity = model.extractor(settings)  # loading is not a stage
     images = _images(n)
     model.embed(settings, images[:2], 2)  # warm-up: kernels, allocator, thread pools
 
@@ -94,8 +94,7 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
         scores = run_msm(model.msm_dtype)
     record_gpu_peaks()
     with measure(torch.device("cpu")) as measured["maps"]:
-        amaps = maps.anomaly_maps(maps.patch_scores(scores), ys[0].shape[1:3], identity.image_size)
-        image = maps.image_scores(amaps)
+        _, image = maps.from_msm_scores(scores, ys[0].shape[1:3], identity.image_size)
     with measure(torch.device("cpu")) as measured["rscin"]:
         rscin.rescore(image, torch.from_numpy(emb.class_tokens))
     if gpu_peaks:  # maps and RsCIN run on the host
@@ -104,8 +103,7 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
     if model.msm_dtype != torch.float32:  # the float16 path against float32 on the same features
         from scipy.stats import spearmanr
 
-        ref = maps.image_scores(maps.anomaly_maps(maps.patch_scores(run_msm(torch.float32)),
-                                                  ys[0].shape[1:3], identity.image_size))
+        _, ref = maps.from_msm_scores(run_msm(torch.float32), ys[0].shape[1:3], identity.image_size)
         out["max_diff"] = float((image - ref).abs().max())
         out["spearman"] = float(spearmanr(image.numpy(), ref.numpy()).statistic)
     out |= {

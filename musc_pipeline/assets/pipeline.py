@@ -235,9 +235,8 @@ def build_profile_assets(
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
         with measure(torch.device("cpu")) as measured:
-            patch = maps.patch_scores(torch.from_numpy(scores.arrays["scores"]))
-            amaps = maps.anomaly_maps(patch, grid, ident["image_size"], method.smoothing_sigma)
-            image = maps.image_scores(amaps)
+            amaps, image = maps.from_msm_scores(torch.from_numpy(scores.arrays["scores"]), grid,
+                                                ident["image_size"], method.smoothing_sigma)
         timing = measured.per_image(len(image))
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})

@@ -36,3 +36,11 @@ def anomaly_maps(
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """c_i = max over pixels. N×S×S -> N."""
     return maps.flatten(1).amax(dim=1)
+
+
+def from_msm_scores(
+    scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSM scores N×L×R×P -> (N×S×S anomaly maps, N image scores c_i): this module in one call."""
+    amaps = anomaly_maps(patch_scores(scores), grid, size, smoothing_sigma)
+    return amaps, image_scores(amaps)
