@@ -33,7 +33,7 @@ from dagster import (
     AssetCheckSpec,
 )
 
-from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, subsets
+from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, rscon, snamd, subsets
 from musc_pipeline.core.preprocess import mask_array
 from musc_pipeline.reports.render import load_reference
 from musc_pipeline.resources.backbone import ModelResource
@@ -44,7 +44,7 @@ from musc_pipeline.settings import ProfileSettings, Settings, fingerprint
 from musc_pipeline.assets.partitions import split_key
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
-CODE_REVISION = {"manifest": 1, "features": 2, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 1, "metrics": 2}
+CODE_REVISION = {"manifest": 1, "features": 2, "lnamd": 2, "msm": 2, "maps": 2, "salient": 1, "rscin": 1, "metrics": 2}
 #: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
 MODEL_POOL = "musc_model"
 
@@ -109,9 +109,12 @@ def build_profile_assets(
         "features": fingerprint(CODE_REVISION["features"], backbone_fp),
         "lnamd": fingerprint(CODE_REVISION["lnamd"], backbone_fp),
         "msm": fingerprint(CODE_REVISION["msm"], backbone_fp, json.dumps([
-            method.degrees, method.interval, method.subsets, method.subset_seed, method.mode, method.references])),
-        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma)),
-        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows)),
+            method.degrees, method.interval, method.subsets, method.subset_seed, method.mode, method.references]),
+            *method.variant("aggregation")),
+        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma), *method.variant("image_score", "image_score_q")),
+        "salient": fingerprint(CODE_REVISION["salient"], method.aggregation, json.dumps(method.degrees)),
+        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows),
+                             *method.variant("rescoring", "rscon_windows")),
         "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
     }
     common = dict(key_prefix=[name], group_name=name, partitions_def=partitions)
@@ -199,7 +202,8 @@ def build_profile_assets(
                    manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """Mutual scores s_{l,r}(i, m) per stage l and degree r: N×L×R×P (float32).
 
-        Stored per stage and degree so ablations re-aggregate without recomputing.
+        Stored per stage and degree so ablations re-aggregate without recomputing. With
+        ``aggregation: snamd`` the degrees are pooled inside SNAMD, so R = 1.
         """
         ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
         n, h, w, _ = ys[0].shape
@@ -210,8 +214,9 @@ def build_profile_assets(
         def progress(label: str, done: int, total: int) -> None:  # one log line per 10 % per subset and stage
             reporters.setdefault(label, _progress(context, f"MSM blocks done ({label})"))(done, total)
 
+        score = snamd.score_stages if method.aggregation == "snamd" else msm.score_stages
         with measure(model.torch_device) as measured:
-            out = msm.score_stages(
+            out = score(
                 ys, groups, method.degrees, method.interval, references=refs, mode=method.mode,
                 device=model.torch_device, memory_budget=model.msm_memory_budget,
                 result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype, progress=progress,
@@ -223,7 +228,8 @@ def build_profile_assets(
         bundle = ArrayBundle({"scores": out}, {
             "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
-            "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
+            "mode": method.mode, "aggregation": method.aggregation,
+            "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
         })
         return Output(bundle, metadata={"shape": str(list(out.shape))} | _timing_metadata(timing))
 
@@ -231,12 +237,13 @@ def build_profile_assets(
            ins={"scores": AssetIn(key("msm_scores")), "features": AssetIn(key("backbone_features"))},
            kinds={"pytorch", "safetensors"}, **common)
     def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle) -> Output[ArrayBundle]:
-        """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
+        """S×S anomaly maps (bilinear, align_corners) and image scores c_i (``image_score``: max or top-q mean)."""
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
         with measure(torch.device("cpu")) as measured:
             amaps, image = maps.from_msm_scores(torch.from_numpy(scores.arrays["scores"]), grid,
-                                                ident["image_size"], method.smoothing_sigma)
+                                                ident["image_size"], method.smoothing_sigma,
+                                                method.image_score, method.image_score_q)
         timing = measured.per_image(len(image))
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
@@ -244,19 +251,50 @@ def build_profile_assets(
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | _timing_metadata(timing) | {
                                         "preview (highest-scoring image)": MetadataValue.md(map_preview_png(amaps[top].numpy()))})
 
+    @asset(name="salient_features", io_manager_key="arrays", code_version=versions["salient"],
+           ins={"lnamd_maps": AssetIn(key("lnamd_features")), "scores": AssetIn(key("msm_scores"))},
+           kinds={"pytorch", "safetensors"}, **common)
+    def salient_features(context: AssetExecutionContext, lnamd_maps: ArrayBundle, scores: ArrayBundle) -> Output[ArrayBundle]:
+        """RsCon's anomaly-salient features (N×C): the aggregated feature of the second-to-last
+        stage at each image's highest grid-level patch score (:mod:`musc_pipeline.core.rscon`)."""
+        stage = len([k for k in lnamd_maps.arrays if k.startswith("y")]) + rscon.SALIENT_STAGE
+        with measure(torch.device("cpu")) as measured:
+            feats = rscon.salient_features(
+                torch.from_numpy(lnamd_maps.arrays[f"y{stage}"]),
+                maps.patch_scores(torch.from_numpy(scores.arrays["scores"])), method.degrees, method.aggregation)
+        timing = measured.per_image(len(feats))
+        bundle = ArrayBundle({"salient": feats.numpy()}, {"timing": json.dumps(timing), "stage": str(stage),
+                                                          "aggregation": method.aggregation})
+        return Output(bundle, metadata={"shape": str(list(feats.shape)), "stage": stage} | _timing_metadata(timing))
+
+    rescore_ins = {"amaps": AssetIn(key("anomaly_maps")), "features": AssetIn(key("backbone_features")),
+                   "manifest": AssetIn(key("image_manifest"))}
+    if method.rescoring == "rscon":
+        rescore_ins["salient"] = AssetIn(key("salient_features"))
+
     @asset(name="rscin_scores", io_manager_key="tables", code_version=versions["rscin"],
-           ins={"amaps": AssetIn(key("anomaly_maps")), "features": AssetIn(key("backbone_features")),
-                "manifest": AssetIn(key("image_manifest"))}, kinds={"parquet"}, **common)
+           ins=rescore_ins, kinds={"parquet"}, **common)
     def rscin_scores(context: AssetExecutionContext, amaps: ArrayBundle, features: ArrayBundle,
-                     manifest: pd.DataFrame) -> Output[pd.DataFrame]:
-        """Per image: the MSM image score and the RsCIN re-scored one (one table row each)."""
+                     manifest: pd.DataFrame, **rscon_in: ArrayBundle) -> Output[pd.DataFrame]:
+        """Per image: the MSM image score and the re-scored one (one table row each).
+
+        ``score_rscin`` holds the score after the profile's ``rescoring``: RsCIN over class
+        tokens (paper), RsCon over anomaly-salient features (MuSc-V2), or none (= ``score_msm``).
+        """
         dataset, _, _ = where(context)
-        windows = method.rscin_windows or rscin.windows_for(dataset)
         c = torch.from_numpy(amaps.arrays["image_scores"])
-        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows)
+        if method.rescoring == "rscin":
+            windows = method.rscin_windows or rscin.windows_for(dataset)
+            rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows)
+        elif method.rescoring == "rscon":
+            windows = tuple(sorted({1, *method.rscon_windows}))
+            rescored = rscon.rescore(c, torch.from_numpy(rscon_in["salient"].arrays["salient"]), windows)
+        else:
+            windows, rescored = (), c.double()
         df = manifest[["profile", "dataset", "category", "image_id", "path", "defect_type", "label"]].copy()
         df["score_msm"] = c.double().numpy()
         df["score_rscin"] = rescored.numpy()
+        df["rescoring"] = method.rescoring
         df["rscin_windows"] = json.dumps(list(windows))
         ident = json.loads(features.meta["identity"])
         df["backbone"] = ident["backbone"]
@@ -322,7 +360,8 @@ def build_profile_assets(
         yield Output(df, metadata=meta)
         yield from metric_checks(row, previous)
 
-    return [image_manifest, backbone_features, lnamd_features, msm_scores, anomaly_maps, rscin_scores, category_metrics]
+    stages = [image_manifest, backbone_features, lnamd_features, msm_scores, anomaly_maps, rscin_scores, category_metrics]
+    return stages + ([salient_features] if method.rescoring == "rscon" else [])
 
 
 def ground_truth(manifest: pd.DataFrame, size: int, rule: str) -> np.ndarray | None:
