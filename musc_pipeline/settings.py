@@ -76,6 +76,10 @@ class MethodSettings(_Strict):
                 if active.get(k, True) and getattr(self, k) != getattr(paper, k)]
 
 
+#: The method-variant choices (``MethodSettings.variant``); all at their defaults = the paper.
+VARIANT_CHOICES = ("aggregation", "rescoring", "rscon_windows", "image_score", "image_score_q")
+
+
 class ProfileSettings(_Strict):
     backbone: BackboneSettings = BackboneSettings()
     method: MethodSettings = MethodSettings()

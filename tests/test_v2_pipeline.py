@@ -8,8 +8,10 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from conftest import small_settings
+from musc_pipeline.assets.summary import variant_groups
 from musc_pipeline.definitions import build_definitions
-from musc_pipeline.settings import MethodSettings
+from musc_pipeline.reports import RunData, render
+from musc_pipeline.settings import BackboneSettings, MethodSettings, ProfileSettings
 
 STAGES = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
           "salient_features", "rscin_scores", "category_metrics"]
@@ -60,3 +62,32 @@ def test_materialize_every_v2_variant(tmp_path, mini_root):
     assert (scores["rescoring"] == "rscon").all() and scores["rscin_windows"].iloc[0] == "[1, 7]"
     row = pd.read_parquet(store / "category_metrics" / "mini" / "cat1.parquet").iloc[0]
     assert row["image_auroc"] > 0.8 and row["pixel_auroc"] > 0.8
+
+
+def test_variant_groups_pair_variants_with_the_paper_profile_of_their_backbone(tmp_path, mini_root):
+    base = small_settings(tmp_path, mini_root)
+    paper = base.profiles["musc"]
+    other = ProfileSettings(backbone=BackboneSettings(name="ViT-B-16", weights="random"))
+    settings = base.model_copy(update={"profiles": {
+        "musc": paper, "v2": paper.model_copy(update={"method": MethodSettings(aggregation="snamd")}),
+        "topk": paper.model_copy(update={"method": MethodSettings(image_score="topk_mean")}),
+        "vit": other, "vit_v2": other.model_copy(update={"method": MethodSettings(rescoring="rscon")}),
+    }})
+    assert variant_groups(settings) == {"musc": ["v2", "topk"], "vit": ["vit_v2"]}
+
+
+def test_variants_page_renders_deltas_escaped(tmp_path):
+    def run(profile: str, auroc: float) -> RunData:
+        metrics = pd.DataFrame([{"dataset": "piped", "category": c, **{k: auroc for k in render.METRICS},
+                                 "n_images": 4, "n_anomalous": 2, "notes": ""} for c in ("A", "<b>B</b>")])
+        return RunData(profile=profile, description="<i>d</i>", metrics=metrics, facts={}, random_init=False)
+
+    runs = [run("musc", 0.9), run("musc_v2", 0.95), run("musc_topk", 0.85)]
+    index = render.render_reports(tmp_path, runs, None, variants={"musc": ["musc_v2", "musc_topk"]})
+    html = (tmp_path / "variants_musc.html").read_text()
+    assert 'href="variants_musc.html"' in index.read_text()
+    assert html.count('<span class="diff pos">+5.0</span>') == 3 * len(render.METRICS)  # 2 categories + mean
+    assert html.count('<span class="diff neg">-5.0</span>') == 3 * len(render.METRICS)
+    assert "<b>B</b>" not in html and "&lt;b&gt;B&lt;/b&gt;" in html and "<i>d</i>" not in html
+    with pytest.raises(ValueError, match="unknown"):
+        render.render_reports(tmp_path, runs, None, variants={"musc": ["nope"]})

@@ -24,7 +24,7 @@ from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
 from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
-from musc_pipeline.settings import ProfileSettings, Settings
+from musc_pipeline.settings import VARIANT_CHOICES, ProfileSettings, Settings
 
 METRIC_COLUMNS = list(metrics.IMAGE_METRICS + metrics.PIXEL_METRICS)
 _ALL = {"allow_missing_partitions": True}
@@ -148,8 +148,16 @@ def build_global_assets(settings: Settings) -> list:
                 facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
             ))
         reference = render.load_reference(REFERENCE_CSV)
-        index = render.render_reports(out_dir, runs, reference)
+        index = render.render_reports(out_dir, runs, reference, variants=variant_groups(settings))
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 
     return [results_catalog, html_report]
+
+
+def variant_groups(settings: Settings) -> dict[str, list[str]]:
+    """Each paper-method profile -> the profiles of method variants on the same backbone."""
+    profiles = settings.profiles
+    paper = [p for p, v in profiles.items() if not v.method.variant(*VARIANT_CHOICES)]
+    return {p: [q for q, v in profiles.items() if q not in paper and v.backbone == profiles[p].backbone]
+            for p in paper}

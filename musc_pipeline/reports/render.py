@@ -1,4 +1,5 @@
-"""Static HTML report: index, one page per (run, dataset), one comparison page.
+"""Static HTML report: index, one page per (run, dataset), one comparison page, and one page
+of method variants per paper profile (every variant's Δ against it, side by side).
 
 Pure functions, no Dagster: the assets build :class:`RunData` and call
 :func:`render_reports`. Pages come from the Jinja2 templates in ``templates/`` (autoescape on,
@@ -349,16 +350,31 @@ def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -
     return sections
 
 
+def _variants(paper: tuple[RunData, pd.DataFrame], variants: list[tuple[RunData, pd.DataFrame]]) -> list[dict]:
+    """Per dataset: each category's rows of Δ (variant − paper), one row per variant, and the means."""
+    sections: dict[str, dict] = {}
+    for run, df in variants:
+        for s in _compare(paper, (run, df)):
+            sec = sections.setdefault(s["dataset"], {"dataset": s["dataset"], "categories": {}, "means": []})
+            for row in s["rows"]:
+                sec["categories"].setdefault(row["category"], []).append({"profile": run.profile, "cells": row["cells"]})
+            sec["means"].append({"profile": run.profile, "label": s["mean"]["label"], "cells": s["mean"]["cells"]})
+    return list(sections.values())
+
+
 def render_reports(
     out_dir: Path,
     runs: list[RunData],
     reference: pd.DataFrame | None,
     compare: tuple[str, str] | None = None,
+    variants: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write the report folder; returns ``out_dir / "index.html"``.
 
     ``compare`` names two run profiles ``(a, b)`` for the page of deltas b − a; by default the
-    first two runs are compared when there are at least two.
+    first two runs are compared when there are at least two. ``variants`` maps a paper
+    profile to its method-variant profiles (same backbone): one page per paper profile shows
+    every variant's deltas against it, category by category.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -381,6 +397,16 @@ def render_reports(
             raise ValueError(f"render_reports: compare names unknown run(s) {unknown}; runs are {profiles}")
         name = names.take("compare", slug(compare[0]) + "_vs_" + slug(compare[1]))
         compare_info = {"a": compare[0], "b": compare[1], "file": name, "href": _href(name)}
+
+    by_name = dict(zip(profiles, frames))
+    unknown = [p for k, vs in (variants or {}).items() for p in (k, *vs) if p not in by_name]
+    if unknown:
+        raise ValueError(f"render_reports: variants name unknown run(s) {unknown}; runs are {profiles}")
+    variant_pages = []
+    for paper, others in (variants or {}).items():
+        if others:
+            name = names.take("variants", paper)
+            variant_pages.append({"paper": paper, "variants": others, "file": name, "href": _href(name)})
 
     run_links = []
     for run, df in frames:
@@ -413,10 +439,19 @@ def render_reports(
             banners=[r.profile for r in (a[0], b[0]) if r.random_init],
         )
 
+    for page in variant_pages:
+        involved = [by_name[p] for p in (page["paper"], *page["variants"])]
+        write(
+            page["file"], "variants.html",
+            paper=involved[0][0], variants=[r for r, _ in involved[1:]],
+            sections=_variants(involved[0], involved[1:]), groups=GROUPS,
+            banners=[r.profile for r, _ in involved if r.random_init],
+        )
+
     all_datasets = list(dict.fromkeys(d for _, df in frames for d in _datasets(df)))
     write(
         "index.html", "index.html",
-        runs=run_links, compare=compare_info,
+        runs=run_links, compare=compare_info, variant_pages=variant_pages,
         headlines=[_headline(d, frames, ref) for d in all_datasets],
         headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
         banners=[r.profile for r in runs if r.random_init],
