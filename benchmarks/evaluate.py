@@ -161,7 +161,8 @@ def markdown(df: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default="/work/shared/data/piped", help="folder dataset in the MVTec layout")
+    ap.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "piped"),
+                    help="folder dataset in the MVTec layout (default: PIPED beside the checkout)")
     ap.add_argument("--categories", nargs="*", help="default: every category under --root")
     ap.add_argument("--profiles", nargs="*", default=["musc", "random_vit"], help="profiles of musc.yaml (backbones)")
     ap.add_argument("--config", default=str(REPO / "musc.yaml"))
