@@ -44,15 +44,19 @@ class BackboneSettings(_Strict):
     image_size: int | None = None  # None: the backbone's default (518 for ViT-L-14-336)
     activation: str = "auto"
     seed: int = 0
+    # auto: the authors' float16 autocast of the backbone on CUDA, float32 elsewhere (recorded per run)
+    precision: Literal["auto", "float32", "float16_autocast"] = "auto"
 
 
 class MethodSettings(_Strict):
     degrees: tuple[int, ...] = (1, 3, 5)
     interval: tuple[float, float] = (0.0, 0.3)
     rscin_windows: tuple[int, ...] | None = None  # None: per dataset (MVTec {1,2,3}, VisA {1,8,9})
+    rscin_precision: Literal["float32", "float64"] = "float32"  # float32: the authors' arithmetic
     subsets: int = 1
-    subset_seed: int = 0
-    mask_rule: str = "nearest"
+    subset_dealing: Literal["authors", "balanced"] = "authors"  # see core.subsets
+    subset_seed: int = 42  # the authors' seed
+    mask_rule: Literal["auto", "nearest", "authors_mvtec", "authors_visa"] = "auto"  # auto: by layout
     smoothing_sigma: float = 0.0
     mode: Literal["zero_shot", "few_shot", "musc_plus"] = "zero_shot"
     references: str | None = None  # folder of normal reference images (few_shot, musc_plus)
