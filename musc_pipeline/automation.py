@@ -20,7 +20,7 @@ from dagster import (
     sensor,
 )
 
-from musc_pipeline.assets.pipeline import backbone_fingerprint
+from musc_pipeline.assets.context import backbone_fingerprint
 from musc_pipeline.settings import Settings
 
 PER_CATEGORY = ("image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",

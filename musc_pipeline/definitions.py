@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import Definitions, ExecutorDefinition
 
 from musc_pipeline.assets.partitions import build_partitions
-from musc_pipeline.assets.pipeline import build_profile_assets
+from musc_pipeline.assets.profile import build_profile_assets
 from musc_pipeline.assets.summary import build_global_assets, build_profile_summary
 from musc_pipeline.automation import build_automation
 from musc_pipeline.resources.backbone import ModelResource

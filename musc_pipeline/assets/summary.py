@@ -1,8 +1,11 @@
 """Assets over all categories: metric tables, figures, the DuckDB catalog and the HTML report."""
 
 
+import importlib.metadata
 import json
 import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +22,8 @@ from dagster import (
 )
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.assets.pipeline import REFERENCE_CSV, _md_table, ground_truth, run_facts
+from musc_pipeline.assets.metadata import md_table
+from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
@@ -54,7 +58,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
             raise ValueError(f"profile {name!r}: no category has been materialized yet")
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
         table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
-        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(_md_table(table))})
+        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))})
 
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
@@ -70,7 +74,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         df = pd.DataFrame(rows)
         changed = df[df["delta"].abs() > 1e-9]
         return Output(df, metadata={"changed_values": len(changed),
-                                    "largest_changes": MetadataValue.md(_md_table(
+                                    "largest_changes": MetadataValue.md(md_table(
                                         changed.reindex(changed["delta"].abs().sort_values(ascending=False).index).head(15)))
                                     if len(changed) else "no change"})
 
@@ -153,3 +157,27 @@ def build_global_assets(settings: Settings) -> list:
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 
     return [results_catalog, html_report]
+
+
+def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFrame) -> dict[str, str]:
+    """Facts for the report: backbone identity, method config, timings, memory, versions, date."""
+    facts = {"profile": profile_name, "description": profile.description}
+    if len(metrics_df):
+        first = metrics_df.iloc[0]
+        facts |= {"backbone": str(first["backbone"]), "weights sha256": str(first["weights_sha256"]) or "n/a (random)",
+                  "randomly initialised": str(bool(first["random_init"])), "image size": str(first["image_size"]),
+                  "mask rule": str(first["mask_rule"])}
+        for stage in ("features", "msm", "maps"):
+            col = f"{stage}_ms_per_image"
+            facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
+        facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
+        if metrics_df.get("peak_gpu_mb", pd.Series(dtype=float)).notna().any():  # absent in tables before it
+            facts["peak GPU memory (allocated by torch, MB, max)"] = f"{metrics_df['peak_gpu_mb'].max():.0f}"
+    facts["method"] = profile.method.model_dump_json()
+    facts["backbone settings"] = profile.backbone.model_dump_json()
+    facts["subsets"] = str(profile.method.subsets)
+    for pkg in ("torch", "open_clip_torch", "timm", "dagster"):
+        facts[f"version: {pkg}"] = importlib.metadata.version(pkg)
+    facts["python"] = platform.python_version()
+    facts["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return facts

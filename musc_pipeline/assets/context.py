@@ -1,0 +1,69 @@
+"""What every asset factory of one profile shares: its settings, code versions and asset keys.
+
+Code versions are hashes of exactly the settings each stage depends on, so editing a profile
+in ``musc.yaml`` marks exactly the affected stages stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from dagster import AssetExecutionContext, AssetKey, StaticPartitionsDefinition
+
+from musc_pipeline.assets.partitions import split_key
+from musc_pipeline.resources.model import resolve_name
+from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
+
+#: Bump an entry when the code of that stage changes its results or the format it stores.
+CODE_REVISION = {"manifest": 1, "features": 2, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 1, "metrics": 2}
+#: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
+MODEL_POOL = "musc_model"
+
+
+def backbone_fingerprint(profile: ProfileSettings) -> str:
+    """Hash of what determines the features: backbone settings and what 'auto' resolves to."""
+    return fingerprint(profile.backbone, resolve_name(profile.backbone.name))
+
+
+def code_versions(profile: ProfileSettings) -> dict[str, str]:
+    """Code version of each stage: its code revision and the settings it depends on."""
+    method = profile.method
+    backbone_fp = backbone_fingerprint(profile)
+    return {
+        "manifest": fingerprint(CODE_REVISION["manifest"]),
+        "features": fingerprint(CODE_REVISION["features"], backbone_fp),
+        "lnamd": fingerprint(CODE_REVISION["lnamd"], backbone_fp),
+        "msm": fingerprint(CODE_REVISION["msm"], backbone_fp, json.dumps([
+            method.degrees, method.interval, method.subsets, method.subset_seed, method.mode, method.references])),
+        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma)),
+        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows)),
+        "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
+    }
+
+
+@dataclass(frozen=True)
+class ProfileContext:
+    """One profile as its asset factories see it."""
+
+    name: str
+    profile: ProfileSettings
+    settings: Settings
+    partitions: StaticPartitionsDefinition
+    versions: dict[str, str]
+
+    @property
+    def method(self) -> MethodSettings:
+        return self.profile.method
+
+    def key(self, asset: str) -> AssetKey:
+        return AssetKey([self.name, asset])
+
+    def where(self, context: AssetExecutionContext) -> tuple[str, DatasetSettings, str]:
+        """(dataset, its settings, category) of the partition being materialized."""
+        return split_key(self.settings, context.partition_key)
+
+    def asset_args(self, stage: str) -> dict:
+        """Arguments every per-category asset of this profile passes to ``@asset``."""
+        return dict(key_prefix=[self.name], group_name=self.name, partitions_def=self.partitions,
+                    code_version=self.versions[stage])

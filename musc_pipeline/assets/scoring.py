@@ -1,0 +1,116 @@
+"""Per-category scoring assets: msm_scores, anomaly_maps, rscin_scores."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue, Output, asset
+
+from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
+from musc_pipeline.assets.metadata import map_preview_png, progress_logger, timing_metadata
+from musc_pipeline.core import lnamd, maps, msm, rscin, subsets
+from musc_pipeline.resources.backbone import ModelResource
+from musc_pipeline.resources.datasets import DatasetError, read_image
+from musc_pipeline.resources.model import measure
+from musc_pipeline.resources.storage import ArrayBundle
+
+
+def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
+    method = p.method
+
+    @asset(name="msm_scores", io_manager_key="arrays",
+           ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "manifest": AssetIn(p.key("image_manifest"))},
+           kinds={"pytorch", "safetensors"}, pool=MODEL_POOL, **p.asset_args("msm"))
+    def msm_scores(context: AssetExecutionContext, model: ModelResource, lnamd_maps: ArrayBundle,
+                   manifest: pd.DataFrame) -> Output[ArrayBundle]:
+        """Mutual scores s_{l,r}(i, m) per stage l and degree r: N×L×R×P (float32).
+
+        Stored per stage and degree so ablations re-aggregate without recomputing.
+        """
+        ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
+        n, h, w, _ = ys[0].shape
+        refs = _reference_maps(model, p) if method.mode != "zero_shot" else None
+        groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed)
+        reporters: dict[str, Callable[[int, int], None]] = {}
+
+        def progress(label: str, done: int, total: int) -> None:  # one log line per 10 % per subset and stage
+            reporters.setdefault(label, progress_logger(context, f"MSM blocks done ({label})"))(done, total)
+
+        with measure(model.torch_device) as measured:
+            out = msm.score_stages(
+                ys, groups, method.degrees, method.interval, references=refs, mode=method.mode,
+                device=model.torch_device, memory_budget=model.msm_memory_budget,
+                result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype, progress=progress,
+            ).numpy()
+        bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"MSM produced non-finite scores for: {', '.join(manifest['path'][bad].head(5))}")
+        timing = measured.per_image(n)
+        bundle = ArrayBundle({"scores": out}, {
+            "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
+            "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
+            "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
+        })
+        return Output(bundle, metadata={"shape": str(list(out.shape))} | timing_metadata(timing))
+
+    return msm_scores
+
+
+def _reference_maps(model: ModelResource, p: ProfileContext) -> list[torch.Tensor]:
+    """Layer-normed stage maps of the normal reference images (few-shot, MuSc+)."""
+    method = p.method
+    if not method.references:
+        raise ValueError(f"MSM mode {method.mode!r} needs method.references: a folder of normal images")
+    folder = Path(method.references)
+    paths = sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(f"{folder}: no reference images found")
+    emb = model.embed(p.profile.backbone, (read_image(path) for path in paths), len(paths))
+    return [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
+
+
+def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
+    @asset(name="anomaly_maps", io_manager_key="arrays",
+           ins={"scores": AssetIn(p.key("msm_scores")), "features": AssetIn(p.key("backbone_features"))},
+           kinds={"pytorch", "safetensors"}, **p.asset_args("maps"))
+    def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle) -> Output[ArrayBundle]:
+        """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
+        ident = json.loads(features.meta["identity"])
+        grid = tuple(json.loads(scores.meta["grid"]))
+        with measure(torch.device("cpu")) as measured:
+            amaps, image = maps.from_msm_scores(torch.from_numpy(scores.arrays["scores"]), grid,
+                                                ident["image_size"], p.method.smoothing_sigma)
+        timing = measured.per_image(len(image))
+        bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
+                             {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
+        top = int(torch.argmax(image))
+        return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
+                                        "preview (highest-scoring image)": MetadataValue.md(map_preview_png(amaps[top].numpy()))})
+
+    return anomaly_maps
+
+
+def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
+    @asset(name="rscin_scores", io_manager_key="tables",
+           ins={"amaps": AssetIn(p.key("anomaly_maps")), "features": AssetIn(p.key("backbone_features")),
+                "manifest": AssetIn(p.key("image_manifest"))}, kinds={"parquet"}, **p.asset_args("rscin"))
+    def rscin_scores(context: AssetExecutionContext, amaps: ArrayBundle, features: ArrayBundle,
+                     manifest: pd.DataFrame) -> Output[pd.DataFrame]:
+        """Per image: the MSM image score and the RsCIN re-scored one (one table row each)."""
+        dataset, _, _ = p.where(context)
+        windows = p.method.rscin_windows or rscin.windows_for(dataset)
+        c = torch.from_numpy(amaps.arrays["image_scores"])
+        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows)
+        df = manifest[["profile", "dataset", "category", "image_id", "path", "defect_type", "label"]].copy()
+        df["score_msm"] = c.double().numpy()
+        df["score_rscin"] = rescored.numpy()
+        df["rscin_windows"] = json.dumps(list(windows))
+        ident = json.loads(features.meta["identity"])
+        df["backbone"] = ident["backbone"]
+        df["random_init"] = bool(ident["random_init"])
+        return Output(df, metadata={"rows": len(df), "windows": str(list(windows))})
+
+    return rscin_scores
