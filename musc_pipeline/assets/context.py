@@ -16,7 +16,7 @@ from musc_pipeline.resources.model import resolve_name
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
-CODE_REVISION = {"manifest": 1, "features": 2, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 1, "metrics": 2}
+CODE_REVISION = {"manifest": 1, "features": 3, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 2, "metrics": 3}
 #: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
 MODEL_POOL = "musc_model"
 
@@ -35,9 +35,10 @@ def code_versions(profile: ProfileSettings) -> dict[str, str]:
         "features": fingerprint(CODE_REVISION["features"], backbone_fp),
         "lnamd": fingerprint(CODE_REVISION["lnamd"], backbone_fp),
         "msm": fingerprint(CODE_REVISION["msm"], backbone_fp, json.dumps([
-            method.degrees, method.interval, method.subsets, method.subset_seed, method.mode, method.references])),
+            method.degrees, method.interval, method.subsets, method.subset_dealing, method.subset_seed, method.mode,
+            method.references])),
         "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma)),
-        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows)),
+        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows), method.rscin_precision),
         "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
     }
 

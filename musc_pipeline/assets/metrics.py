@@ -24,7 +24,7 @@ from dagster import (
 from musc_pipeline.assets.context import ProfileContext
 from musc_pipeline.assets.metadata import md_table
 from musc_pipeline.core import metrics
-from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
 from musc_pipeline.reports.render import load_reference
 from musc_pipeline.resources.datasets import read_mask
 from musc_pipeline.resources.storage import ArrayBundle
@@ -34,6 +34,8 @@ REGRESSION_TOLERANCE = 0.02
 PAPER_TOLERANCE = 0.05
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "reports" / "reference_results.csv"
 METRIC_NAMES = metrics.IMAGE_METRICS + metrics.PIXEL_METRICS
+#: How the features were made (the backbone identity): recorded in every metrics row.
+CONVENTION_KEYS = ("activation", "preprocess", "pos_embed_resize", "precision")
 
 
 def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
@@ -53,8 +55,9 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
     def category_metrics(context: AssetExecutionContext, scores: pd.DataFrame, amaps: ArrayBundle,
                          manifest: pd.DataFrame, features: ArrayBundle, msm_out: ArrayBundle):
         """Image AUROC/F1-max/AP (RsCIN scores) and pixel AUROC/F1-max/AP/PRO, one row."""
-        dataset, _, category = p.where(context)
+        dataset, cfg, category = p.where(context)
         size = int(amaps.meta["image_size"])
+        mask_rule = resolve_mask_rule(p.method.mask_rule, cfg.layout)
         labels = scores["label"]
         notes: list[str] = []
         if labels.isna().any():
@@ -63,7 +66,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         else:
             img = metrics.image_metrics(labels.to_numpy(int), scores["score_rscin"].to_numpy())
             values, notes = dict(img.values), list(img.notes)
-            gt = ground_truth(manifest, size, p.method.mask_rule)
+            gt = ground_truth(manifest, size, mask_rule)
             if gt is None:
                 values |= {k: math.nan for k in metrics.PIXEL_METRICS}
                 notes.append("no ground-truth masks: pixel metrics n/a")
@@ -77,7 +80,9 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                "n_images": n, "n_anomalous": int((labels == 1).sum()), "notes": "; ".join(notes),
                "backbone": ident["backbone"], "weights_sha256": ident["weights_sha256"] or "",
                "random_init": bool(ident["random_init"]), "image_size": ident["image_size"],
-               "mask_rule": p.method.mask_rule, "config": fingerprint(p.profile),
+               "mask_rule": mask_rule, "config": fingerprint(p.profile),
+               **{k: ident[k] for k in CONVENTION_KEYS}, "rscin_precision": p.method.rscin_precision,
+               "subset_dealing": p.method.subset_dealing if p.method.subsets > 1 else "n/a (one set)",
                "materialized_at": datetime.now(timezone.utc).isoformat()}
         stage_timings = [json.loads(meta["timing"]) for meta in (features.meta, msm_out.meta, amaps.meta)]
         for stage, t in zip(("features", "msm", "maps"), stage_timings):

@@ -33,7 +33,8 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
         ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
         n, h, w, _ = ys[0].shape
         refs = _reference_maps(model, p) if method.mode != "zero_shot" else None
-        groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed)
+        groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed,
+                                method.subset_dealing)
         reporters: dict[str, Callable[[int, int], None]] = {}
 
         def progress(label: str, done: int, total: int) -> None:  # one log line per 10 % per subset and stage
@@ -52,6 +53,7 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
         bundle = ArrayBundle({"scores": out}, {
             "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
+            "subset_dealing": method.subset_dealing,
             "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
         })
         return Output(bundle, metadata={"shape": str(list(out.shape))} | timing_metadata(timing))
@@ -103,11 +105,12 @@ def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
         dataset, _, _ = p.where(context)
         windows = p.method.rscin_windows or rscin.windows_for(dataset)
         c = torch.from_numpy(amaps.arrays["image_scores"])
-        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows)
+        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows, p.method.rscin_precision)
         df = manifest[["profile", "dataset", "category", "image_id", "path", "defect_type", "label"]].copy()
         df["score_msm"] = c.double().numpy()
         df["score_rscin"] = rescored.numpy()
         df["rscin_windows"] = json.dumps(list(windows))
+        df["rscin_precision"] = p.method.rscin_precision
         ident = json.loads(features.meta["identity"])
         df["backbone"] = ident["backbone"]
         df["random_init"] = bool(ident["random_init"])

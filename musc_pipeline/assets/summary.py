@@ -24,6 +24,7 @@ from dagster import (
 from musc_pipeline.assets.partitions import split_key
 from musc_pipeline.assets.metadata import md_table
 from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
+from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
@@ -84,13 +85,13 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
     def category_figures(context: AssetExecutionContext, amaps: ArrayBundle, scores: pd.DataFrame,
                          manifest: pd.DataFrame) -> MaterializeResult:
         """Qualitative maps, score histograms and ROC/PR curves of one category (PNG files)."""
-        dataset, _, category = split_key(settings, context.partition_key)
+        dataset, cfg, category = split_key(settings, context.partition_key)
         out_dir = figure_dir(settings, name, dataset, category)
         out_dir.mkdir(parents=True, exist_ok=True)
         size = int(amaps.meta["image_size"])
         labels = scores["label"].fillna(-1).to_numpy(int)
         maps_ = amaps.arrays["maps"]
-        masks = ground_truth(manifest, size, profile.method.mask_rule)
+        masks = ground_truth(manifest, size, resolve_mask_rule(profile.method.mask_rule, cfg.layout))
         images = [read_image(p) for p in manifest["path"]]
         s = scores["score_rscin"].to_numpy()
         made = {
@@ -150,6 +151,7 @@ def build_global_assets(settings: Settings) -> list:
             runs.append(render.RunData(
                 profile=p, description=settings.profiles[p].description, metrics=df,
                 facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
+                layouts={d: cfg.layout for d, cfg in settings.datasets.items()},
             ))
         reference = render.load_reference(REFERENCE_CSV)
         index = render.render_reports(out_dir, runs, reference)
@@ -165,8 +167,7 @@ def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFr
     if len(metrics_df):
         first = metrics_df.iloc[0]
         facts |= {"backbone": str(first["backbone"]), "weights sha256": str(first["weights_sha256"]) or "n/a (random)",
-                  "randomly initialised": str(bool(first["random_init"])), "image size": str(first["image_size"]),
-                  "mask rule": str(first["mask_rule"])}
+                  "randomly initialised": str(bool(first["random_init"])), "image size": str(first["image_size"])}
         for stage in ("features", "msm", "maps"):
             col = f"{stage}_ms_per_image"
             facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"

@@ -23,6 +23,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from .conventions import conventions
 from .paths import inside, safe_relpath, slug
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -55,6 +56,7 @@ class RunData:
     facts: dict[str, str]  # run facts: backbone, weights sha256, image size, timings, versions, date, …
     random_init: bool  # True -> a loud banner on every page of this run
     figures: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (dataset, category) -> kind -> relpath
+    layouts: dict[str, str] = field(default_factory=dict)  # dataset -> layout, for the authors' mask rule
 
 
 # --------------------------------------------------------------------------- inputs
@@ -401,6 +403,7 @@ def render_reports(
                 page["file"], "run.html",
                 run=run, facts=[(str(k), str(v)) for k, v in (run.facts or {}).items()],
                 table=_run_page(out_dir, run, df, page["dataset"], ref),
+                conventions=conventions(df[df["dataset"] == page["dataset"]], run.layouts.get(page["dataset"])),
                 groups=GROUPS, other_pages=others,
                 banners=[run.profile] if run.random_init else [],
             )
