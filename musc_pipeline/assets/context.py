@@ -7,9 +7,11 @@ in ``musc.yaml`` marks exactly the affected stages stale.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 
-from dagster import AssetExecutionContext, AssetKey, StaticPartitionsDefinition
+from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, PreviewWarning, StaticPartitionsDefinition
 
 from musc_pipeline.assets.partitions import split_key
 from musc_pipeline.resources.model import resolve_name
@@ -26,10 +28,19 @@ def backbone_fingerprint(profile: ProfileSettings) -> str:
     return fingerprint(profile.backbone, resolve_name(profile.backbone.name))
 
 
-def code_versions(profile: ProfileSettings) -> dict[str, str]:
+def profile_problem(name: str, profile: ProfileSettings) -> str | None:
+    """Why a profile cannot run (one line naming it and the settings file), or None."""
+    try:
+        resolve_name(profile.backbone.name)
+    except ValueError as exc:  # an unknown backbone name: the message lists the known ones
+        return f"profile {name!r} in {os.environ.get('MUSC_CONFIG', 'musc.yaml')} is unusable: {exc}"
+    return None
+
+
+def code_versions(profile: ProfileSettings, usable: bool = True) -> dict[str, str]:
     """Code version of each stage: its code revision and the settings it depends on."""
     method = profile.method
-    backbone_fp = backbone_fingerprint(profile)
+    backbone_fp = backbone_fingerprint(profile) if usable else fingerprint(profile.backbone, "unusable")
     return {
         "manifest": fingerprint(CODE_REVISION["manifest"]),
         "features": fingerprint(CODE_REVISION["features"], backbone_fp),
@@ -52,6 +63,7 @@ class ProfileContext:
     settings: Settings
     partitions: StaticPartitionsDefinition
     versions: dict[str, str]
+    problem: str | None = None  # set when the profile cannot run: its assets say so and fail
 
     @property
     def method(self) -> MethodSettings:
@@ -64,7 +76,20 @@ class ProfileContext:
         """(dataset, its settings, category) of the partition being materialized."""
         return split_key(self.settings, context.partition_key)
 
+    def ensure_usable(self) -> None:
+        """First thing every asset of the profile does: fail with the one-line reason, if any."""
+        if self.problem:
+            raise Failure(description=self.problem)
+
     def asset_args(self, stage: str) -> dict:
         """Arguments every per-category asset of this profile passes to ``@asset``."""
-        return dict(key_prefix=[self.name], group_name=self.name, partitions_def=self.partitions,
+        args = dict(key_prefix=[self.name], group_name=self.name, partitions_def=self.partitions,
                     code_version=self.versions[stage])
+        return args | ({"description": f"UNUSABLE: {self.problem}"} if self.problem else {})
+
+    def check_spec(self, asset: str, name: str, description: str | None = None) -> AssetCheckSpec:
+        """A check of one of this profile's assets, partitioned like it: each result is recorded
+        against the partition it checked (a preview feature of Dagster, hence the silenced notice)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec")
+            return AssetCheckSpec(name, asset=self.key(asset), description=description, partitions_def=self.partitions)

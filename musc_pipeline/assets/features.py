@@ -7,7 +7,6 @@ import pandas as pd
 import torch
 from dagster import (
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
@@ -17,25 +16,26 @@ from dagster import (
 )
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
-from musc_pipeline.assets.metadata import progress_logger, timing_metadata
+from musc_pipeline.assets.metadata import progress_logger, table_metadata, timing_metadata
 from musc_pipeline.core import lnamd
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.datasets import read_image, scan_category
-from musc_pipeline.resources.model import measure
+from musc_pipeline.resources.model import locate_weights, measure
 from musc_pipeline.resources.storage import ArrayBundle
 
 
 def image_manifest_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="image_manifest", io_manager_key="tables", kinds={"parquet"}, **p.asset_args("manifest"))
-    def image_manifest(context: AssetExecutionContext, model: ModelResource) -> Output[pd.DataFrame]:
+    def image_manifest(context: AssetExecutionContext) -> Output[pd.DataFrame]:
         """Test images of the category: path, defect type, label, mask path, size, mode, sha1.
 
         Every image is decoded and every mask size-checked here, and the backbone's weights
         are located, so bad input or missing weights stop the partition before anything is
         written.
         """
+        p.ensure_usable()
         dataset, cfg, category = p.where(context)
-        model.extractor(p.profile.backbone)
+        locate_weights(p.profile.backbone)
         df = scan_category(cfg.root, cfg.layout, category)
         df.insert(0, "category", category)
         df.insert(0, "dataset", dataset)
@@ -48,7 +48,7 @@ def image_manifest_asset(p: ProfileContext) -> AssetsDefinition:
             "unlabeled": int(labels.isna().sum()),
             "with_masks": int(df["mask_path"].notna().sum()),
             "root": MetadataValue.path(cfg.root),
-        })
+        } | table_metadata(df))
 
     return image_manifest
 
@@ -56,11 +56,11 @@ def image_manifest_asset(p: ProfileContext) -> AssetsDefinition:
 def backbone_features_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="backbone_features", io_manager_key="arrays", ins={"manifest": AssetIn(p.key("image_manifest"))},
            kinds={"pytorch", "safetensors"}, pool=MODEL_POOL,
-           check_specs=[AssetCheckSpec("features_shape", asset=p.key("backbone_features"),
-                                       description="one row per image, all taps on one grid")],
+           check_specs=[p.check_spec("backbone_features", "features_shape", "one row per image, all taps on one grid")],
            **p.asset_args("features"))
     def backbone_features(context: AssetExecutionContext, model: ModelResource, manifest: pd.DataFrame):
         """Patch tokens of the 4 stage taps (tap0..tap3, N×h×w×C) and class tokens (N×D)."""
+        p.ensure_usable()
         images = (read_image(path) for path in manifest["path"])
         emb = model.embed(p.profile.backbone, images, len(manifest), progress_logger(context, "images embedded"))
         arrays = {f"tap{i}": t for i, t in enumerate(emb.taps)} | {"class_tokens": emb.class_tokens}
@@ -98,6 +98,7 @@ def lnamd_features_asset(p: ProfileContext) -> AssetsDefinition:
         (:func:`musc_pipeline.core.lnamd.aggregate`); MSM scores all degrees from Y_l with
         one product per image pair, so Y_l is what is stored.
         """
+        p.ensure_usable()
         with measure(torch.device("cpu")) as measured:
             ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(features.arrays[f"tap{i}"])).numpy() for i in range(4)}
         timing = measured.per_image(len(ys["y0"]))

@@ -2,7 +2,9 @@
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +12,19 @@ import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
-    AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
+    AssetOut,
     AssetKey,
     AssetRecordsFilter,
     AssetsDefinition,
     MetadataValue,
     Output,
-    asset,
+    multi_asset,
 )
 
 from musc_pipeline.assets.context import ProfileContext
-from musc_pipeline.assets.metadata import md_table
+from musc_pipeline.assets.metadata import md_table, table_metadata
 from musc_pipeline.core import metrics
 from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
 from musc_pipeline.reports.render import load_reference
@@ -30,6 +32,8 @@ from musc_pipeline.resources.datasets import read_mask
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint
 
+#: Metrics are sums of float64 terms: a perfect average precision can come out as 1.0000000000000002.
+UNIT_TOLERANCE = 1e-9
 REGRESSION_TOLERANCE = 0.02
 PAPER_TOLERANCE = 0.05
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "reports" / "reference_results.csv"
@@ -41,20 +45,32 @@ CONVENTION_KEYS = ("activation", "preprocess", "pos_embed_resize", "precision")
 def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
     key = p.key("category_metrics")
 
-    @asset(name="category_metrics", io_manager_key="tables",
-           ins={"scores": AssetIn(p.key("rscin_scores")), "amaps": AssetIn(p.key("anomaly_maps")),
-                "manifest": AssetIn(p.key("image_manifest")), "features": AssetIn(p.key("backbone_features")),
-                "msm_out": AssetIn(p.key("msm_scores"))},
-           kinds={"parquet"}, check_specs=[
-               AssetCheckSpec("metrics_in_unit_interval", asset=key),
-               AssetCheckSpec("regression_vs_previous", asset=key,
-                              description=f"warn when a metric moved by more than {REGRESSION_TOLERANCE} since the last run"),
-               AssetCheckSpec("paper_reference", asset=key,
-                              description=f"MVTec AD / VisA: warn when more than {PAPER_TOLERANCE} from the paper"),
-           ], **p.asset_args("metrics"))
+    args = p.asset_args("metrics")
+    description = args.get("description", "Image AUROC/F1-max/AP (RsCIN scores) and pixel AUROC/F1-max/AP/PRO, one row.")
+
+    # A multi-asset only because it may omit a check's result (can_subset): a check with nothing
+    # to compare against then shows as skipped instead of passed.
+    @multi_asset(name=f"{p.name}__category_metrics", group_name=args["group_name"],
+                 partitions_def=args["partitions_def"], can_subset=True,
+                 outs={"category_metrics": AssetOut(key=key, io_manager_key="tables", kinds={"parquet"},
+                                                    code_version=args["code_version"], description=description)},
+                 ins={"scores": AssetIn(p.key("rscin_scores")), "amaps": AssetIn(p.key("anomaly_maps")),
+                      "manifest": AssetIn(p.key("image_manifest")), "features": AssetIn(p.key("backbone_features")),
+                      "msm_out": AssetIn(p.key("msm_scores"))},
+                 check_specs=[
+                     p.check_spec("category_metrics", "metrics_in_unit_interval",
+                                  f"every metric in [0, 1] (± {UNIT_TOLERANCE:g} of floating-point rounding) or n/a"),
+                     p.check_spec("category_metrics", "regression_vs_previous",
+                                  f"warn when a metric moved by more than {REGRESSION_TOLERANCE} since the last run "
+                                  "(skipped on a partition's first run)"),
+                     p.check_spec("category_metrics", "paper_reference",
+                                  f"MVTec AD / VisA: warn when more than {PAPER_TOLERANCE} from the paper "
+                                  "(skipped where the paper has no numbers)"),
+                 ])
     def category_metrics(context: AssetExecutionContext, scores: pd.DataFrame, amaps: ArrayBundle,
                          manifest: pd.DataFrame, features: ArrayBundle, msm_out: ArrayBundle):
         """Image AUROC/F1-max/AP (RsCIN scores) and pixel AUROC/F1-max/AP/PRO, one row."""
+        p.ensure_usable()
         dataset, cfg, category = p.where(context)
         size = int(amaps.meta["image_size"])
         mask_rule = resolve_mask_rule(p.method.mask_rule, cfg.layout)
@@ -100,8 +116,13 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         meta = {"metrics": MetadataValue.md(md_table(table)), "notes": "; ".join(notes) or "none"}
         meta |= {k: MetadataValue.float(float(v)) for k, v in values.items()}
         meta["backbone"] = ident["backbone"]
-        yield Output(df, metadata=meta)
-        yield from metric_checks(row, previous)
+        meta |= table_metadata(df)
+        yield Output(df, output_name="category_metrics", metadata=meta)
+        for result in metric_checks(row, previous):
+            if isinstance(result, SkippedCheck):  # no result: the UI shows the check as skipped
+                context.log.info(f"check {result.check_name} skipped: {result.reason}")
+            else:
+                yield result
 
     return category_metrics
 
@@ -117,24 +138,39 @@ def ground_truth(manifest: pd.DataFrame, size: int, rule: str) -> np.ndarray | N
     return gt
 
 
-def metric_checks(row: dict, previous: dict):
-    """Check results of one category's metrics row."""
+@dataclass(frozen=True)
+class SkippedCheck:
+    """A check with nothing to compare against: no result is emitted, with this reason logged."""
+
+    check_name: str
+    reason: str
+
+
+def metric_checks(row: dict, previous: dict) -> Iterator[AssetCheckResult | SkippedCheck]:
+    """Check results of one category's metrics row (a skip where there is nothing to compare)."""
     values = {k: row[k] for k in METRIC_NAMES}
-    out_of_range = [k for k, v in values.items() if not (math.isnan(v) or 0.0 <= v <= 1.0)]
+    out_of_range = [k for k, v in values.items()
+                    if not (math.isnan(v) or -UNIT_TOLERANCE <= v <= 1.0 + UNIT_TOLERANCE)]
     yield AssetCheckResult(check_name="metrics_in_unit_interval", passed=not out_of_range,
                            metadata={"out_of_range": ", ".join(out_of_range) or "none"})
-    moved = {k: values[k] - previous[k] for k in METRIC_NAMES
-             if k in previous and not math.isnan(values[k]) and not math.isnan(previous[k])
-             and abs(values[k] - previous[k]) > REGRESSION_TOLERANCE}
-    yield AssetCheckResult(check_name="regression_vs_previous", passed=not moved, severity=AssetCheckSeverity.WARN,
-                           metadata={"compared_with_previous": bool(previous),
-                                     "moved": MetadataValue.json({k: round(v, 4) for k, v in moved.items()})})
+    compared = [k for k in METRIC_NAMES if not math.isnan(values[k]) and not math.isnan(previous.get(k, math.nan))]
+    if compared:
+        moved = {k: values[k] - previous[k] for k in compared if abs(values[k] - previous[k]) > REGRESSION_TOLERANCE}
+        yield AssetCheckResult(check_name="regression_vs_previous", passed=not moved, severity=AssetCheckSeverity.WARN,
+                               metadata={"compared": ", ".join(compared),
+                                         "moved": MetadataValue.json({k: round(v, 4) for k, v in moved.items()})})
+    else:
+        yield SkippedCheck("regression_vs_previous", "no previous materialization of this partition with metrics to compare")
     ref = reference_row(row["dataset"], row["category"])
-    far = {k: values[k] - ref[k] for k in ref
-           if not math.isnan(values[k]) and abs(values[k] - ref[k]) > PAPER_TOLERANCE}
-    yield AssetCheckResult(check_name="paper_reference", passed=not far, severity=AssetCheckSeverity.WARN,
-                           metadata={"has_reference": bool(ref),
-                                     "beyond_tolerance": MetadataValue.json({k: round(v, 4) for k, v in far.items()})})
+    compared = [k for k in ref if not math.isnan(values[k]) and not math.isnan(ref[k])]
+    if compared:
+        far = {k: values[k] - ref[k] for k in compared if abs(values[k] - ref[k]) > PAPER_TOLERANCE}
+        yield AssetCheckResult(check_name="paper_reference", passed=not far, severity=AssetCheckSeverity.WARN,
+                               metadata={"compared": ", ".join(compared),
+                                         "beyond_tolerance": MetadataValue.json({k: round(v, 4) for k, v in far.items()})})
+    else:
+        yield SkippedCheck("paper_reference", f"the paper has no numbers for {row['dataset']}/{row['category']}"
+                           if not ref else "all metrics are n/a")
 
 
 def reference_row(dataset: str, category: str) -> dict[str, float]:

@@ -10,10 +10,11 @@ import torch
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue, Output, asset
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
-from musc_pipeline.assets.metadata import map_preview_png, progress_logger, timing_metadata
+from musc_pipeline.assets.metadata import map_preview_png, progress_logger, table_metadata, timing_metadata
 from musc_pipeline.core import lnamd, maps, msm, rscin, subsets
 from musc_pipeline.resources.backbone import ModelResource
-from musc_pipeline.resources.datasets import DatasetError, read_image
+from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask
 from musc_pipeline.resources.model import measure
 from musc_pipeline.resources.storage import ArrayBundle
 
@@ -30,6 +31,7 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
 
         Stored per stage and degree so ablations re-aggregate without recomputing.
         """
+        p.ensure_usable()
         ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
         n, h, w, _ = ys[0].shape
         refs = _reference_maps(model, p) if method.mode != "zero_shot" else None
@@ -76,10 +78,13 @@ def _reference_maps(model: ModelResource, p: ProfileContext) -> list[torch.Tenso
 
 def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="anomaly_maps", io_manager_key="arrays",
-           ins={"scores": AssetIn(p.key("msm_scores")), "features": AssetIn(p.key("backbone_features"))},
+           ins={"scores": AssetIn(p.key("msm_scores")), "features": AssetIn(p.key("backbone_features")),
+                "manifest": AssetIn(p.key("image_manifest"))},
            kinds={"pytorch", "safetensors"}, **p.asset_args("maps"))
-    def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle) -> Output[ArrayBundle]:
+    def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle,
+                     manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
+        p.ensure_usable()
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
         with measure(torch.device("cpu")) as measured:
@@ -89,10 +94,20 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
         top = int(torch.argmax(image))
+        preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), p.method.mask_rule)
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
-                                        "preview (highest-scoring image)": MetadataValue.md(map_preview_png(amaps[top].numpy()))})
+                                        "preview (highest-scoring image)": MetadataValue.md(preview)})
 
     return anomaly_maps
+
+
+def _preview(row: pd.Series, amap: np.ndarray, size: int, mask_rule: str) -> str:
+    """The image, its map and its ground-truth mask (when it has one) side by side."""
+    mask = None
+    if isinstance(row["mask_path"], str):
+        mask = mask_array(read_mask(row["mask_path"], (row["width"], row["height"])), size, mask_rule)
+    return map_preview_png(read_image(row["path"]), amap, mask, f"{row['image_id']}: highest image score")
+
 
 
 def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
@@ -102,6 +117,7 @@ def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
     def rscin_scores(context: AssetExecutionContext, amaps: ArrayBundle, features: ArrayBundle,
                      manifest: pd.DataFrame) -> Output[pd.DataFrame]:
         """Per image: the MSM image score and the RsCIN re-scored one (one table row each)."""
+        p.ensure_usable()
         dataset, _, _ = p.where(context)
         windows = p.method.rscin_windows or rscin.windows_for(dataset)
         c = torch.from_numpy(amaps.arrays["image_scores"])
@@ -114,6 +130,6 @@ def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
         ident = json.loads(features.meta["identity"])
         df["backbone"] = ident["backbone"]
         df["random_init"] = bool(ident["random_init"])
-        return Output(df, metadata={"rows": len(df), "windows": str(list(windows))})
+        return Output(df, metadata={"rows": len(df), "windows": str(list(windows))} | table_metadata(df))
 
     return rscin_scores

@@ -22,7 +22,7 @@ from dagster import (
 )
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.assets.metadata import md_table
+from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
 from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
@@ -59,7 +59,8 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
             raise ValueError(f"profile {name!r}: no category has been materialized yet")
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
         table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
-        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))})
+        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))}
+                      | table_metadata(df))
 
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
@@ -74,7 +75,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
                              "after_backbone": r.backbone})
         df = pd.DataFrame(rows)
         changed = df[df["delta"].abs() > 1e-9]
-        return Output(df, metadata={"changed_values": len(changed),
+        return Output(df, metadata=table_metadata(df) | {"changed_values": len(changed),
                                     "largest_changes": MetadataValue.md(md_table(
                                         changed.reindex(changed["delta"].abs().sort_values(ascending=False).index).head(15)))
                                     if len(changed) else "no change"})
@@ -99,9 +100,10 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
             "histograms": figures.histograms(out_dir, category, s, labels, maps_, masks),
             "curves": figures.curves(out_dir, category, s, labels),
         }
-        made = {k: str(Path(v).name) for k, v in made.items() if v}
-        (out_dir / "figures.json").write_text(json.dumps(made))
-        return MaterializeResult(metadata={"figures": MetadataValue.json(made), "folder": MetadataValue.path(str(out_dir))})
+        made = {k: v for k, v in made.items() if v}
+        (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
+        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(v)) for k, v in made.items()}
+        return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]
 

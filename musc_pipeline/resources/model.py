@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import logging
 import os
 import resource
 import time
@@ -167,6 +168,34 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def locate_weights(settings: BackboneSettings) -> str | None:
+    """The weights file ``settings`` would load (None for random weights), without building
+    the model; raises :class:`WeightsUnavailableError` like :func:`load_extractor`."""
+    if settings.weights == "random":
+        return None
+    if settings.weights != "default":
+        if not Path(settings.weights).is_file():
+            raise WeightsUnavailableError(f"{settings.weights}: checkpoint file not found")
+        return settings.weights
+    spec = bb.get_spec(resolve_name(settings.name))
+    return _package_weights_file(spec)[0] if spec.weights_package else _hub_weights_file(spec)
+
+
+@contextmanager
+def _without_open_clip_random_notice() -> Iterator[None]:
+    """open_clip logs "No pretrained weights loaded" for every model it creates without them;
+    here weights are loaded right after, or the features are labelled random everywhere."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
     """Build the backbone of ``settings`` with its weights (see module doc)."""
     name = resolve_name(settings.name)
@@ -189,7 +218,8 @@ def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Ide
         state = _read_state_dict(path)
         source, sha = path, _sha256(path)
         loader = _make_loader(spec, path, state)
-    extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
+    with _without_open_clip_random_notice():
+        extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
     identity = Identity(name, source, sha, loader is None, size, extractor.activation, package,
                         preprocess=f"PIL {spec.interpolation} resize of the RGB image to {size}×{size}",
                         pos_embed_resize=_pos_embed_resize(spec, size, loader is None),
