@@ -21,7 +21,7 @@ from dagster import (
     asset,
 )
 
-from musc_pipeline.assets.partitions import split_key
+from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
 from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
 from musc_pipeline.core.preprocess import resolve_mask_rule
@@ -134,29 +134,35 @@ def build_global_assets(settings: Settings) -> list:
         return MaterializeResult(metadata={"path": MetadataValue.path(str(db)), "rows": MetadataValue.json(counts)})
 
     @asset(name="html_report", group_name="reports", kinds={"html"},
-           ins={f"table_{p}": AssetIn(AssetKey([p, "metrics_table"])) for p in profiles},
+           ins={f"metrics_{p}": AssetIn(AssetKey([p, "category_metrics"]), partition_mapping=AllPartitionMapping(),
+                                        metadata=_ALL) for p in profiles},
            deps=[AssetKey([p, "category_figures"]) for p in profiles])
-    def html_report(context: AssetExecutionContext, **tables: pd.DataFrame) -> MaterializeResult:
-        """Static HTML: per-run paper-format tables, figures, run facts, and a run comparison."""
+    def html_report(context: AssetExecutionContext, **per_category) -> MaterializeResult:
+        """Static HTML: per-run paper-format tables, figures, run facts, and a run comparison, from
+        whichever categories are materialized (the others are shown as not yet materialized)."""
         out_dir = Path(settings.reports_dir)
         runs = []
         for p in profiles:
-            df = tables[f"table_{p}"]
+            parts = per_category[f"metrics_{p}"]
+            parts = {"": parts} if isinstance(parts, pd.DataFrame) else parts  # a lone partition comes unwrapped
+            df = pd.concat(parts.values(), ignore_index=True).sort_values(["dataset", "category"]) if parts else None
             figs = {}
-            for r in df.itertuples():
+            for r in df.itertuples() if df is not None else []:
                 folder = figure_dir(settings, p, r.dataset, r.category)
                 listing = folder / "figures.json"
                 if listing.is_file():
                     figs[(r.dataset, r.category)] = {
                         k: os.path.relpath(folder / v, out_dir) for k, v in json.loads(listing.read_text()).items()
                     }
+            random_init = bool(df["random_init"].any()) if df is not None else settings.profiles[p].backbone.weights == "random"
             runs.append(render.RunData(
                 profile=p, description=settings.profiles[p].description, metrics=df,
-                facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
-                layouts={d: cfg.layout for d, cfg in settings.datasets.items()},
+                facts=run_facts(p, settings.profiles[p], df if df is not None else pd.DataFrame()),
+                random_init=random_init, figures=figs, layouts={d: cfg.layout for d, cfg in settings.datasets.items()},
             ))
         reference = render.load_reference(REFERENCE_CSV)
-        index = render.render_reports(out_dir, runs, reference)
+        configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
+        index = render.render_reports(out_dir, runs, reference, categories=configured)
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 

@@ -59,7 +59,9 @@ def _missing(v: object) -> bool:
 
 
 def conventions(rows: pd.DataFrame, layout: str) -> list[dict[str, object]]:
-    """One entry per convention: label, ours (distinct values over the rows), authors', differs."""
+    """One entry per convention: label, ours (distinct values over the rows), authors', differs.
+
+    No rows (nothing materialized yet): no entries."""
     out = []
     records = rows.to_dict("records")
     for label, column in _COLUMNS.items():
