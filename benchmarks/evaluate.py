@@ -39,7 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, rscon, snamd, subsets  # noqa: E402
-from musc_pipeline.core.preprocess import mask_array  # noqa: E402
+from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule  # noqa: E402
 from musc_pipeline.resources.datasets import categories, read_image, read_mask, scan_category  # noqa: E402
 from musc_pipeline.resources.model import ModelRuntime, resolve_name  # noqa: E402
 from musc_pipeline.settings import fingerprint, load_settings  # noqa: E402
@@ -48,7 +48,7 @@ AGGREGATIONS = ("lnamd", "snamd")
 RESCORINGS = ("rscin", "rscon", "none")
 IMAGE_SCORES = maps.IMAGE_SCORES
 PAPER = ("lnamd", "rscin", "max")
-CACHE_REVISION = 1
+CACHE_REVISION = 2
 METRICS = metrics.IMAGE_METRICS + metrics.PIXEL_METRICS
 
 
@@ -62,14 +62,16 @@ def category_stages(model: ModelRuntime, profile, root: str, category: str, cach
     """Features and MSM of both aggregations for one category, from the cache when present."""
     method = profile.method
     key = fingerprint(CACHE_REVISION, profile.backbone, resolve_name(profile.backbone.name),
-                      json.dumps([method.degrees, method.interval, method.subsets, method.subset_seed]))
+                      json.dumps([method.degrees, method.interval, method.subsets, method.subset_seed,
+                                  method.subset_dealing, method.mask_rule]))
     path = cache / key / f"{category}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     manifest = scan_category(root, "mvtec", category)
     emb = model.embed(profile.backbone, (read_image(p) for p in manifest["path"]), len(manifest))
     ys, t_ln = _timed(lambda: [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps])
-    groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed)
+    groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed,
+                            method.subset_dealing)
     out = {"labels": torch.tensor(manifest["label"].to_numpy(int)), "class_tokens": torch.from_numpy(emb.class_tokens),
            "image_size": torch.tensor(emb.identity.image_size), "grid": torch.tensor(ys[0].shape[1:3]),
            "seconds_features": torch.tensor(emb.measured.seconds + t_ln)}
@@ -80,17 +82,18 @@ def category_stages(model: ModelRuntime, profile, root: str, category: str, cach
             ys[rscon.SALIENT_STAGE], maps.patch_scores(scores), method.degrees, agg))
         out |= {f"scores_{agg}": scores, f"salient_{agg}": salient, f"seconds_msm_{agg}": torch.tensor(t),
                 f"seconds_salient_{agg}": torch.tensor(t_sal)}
+    rule = resolve_mask_rule(method.mask_rule, "mvtec")
     gt = np.zeros((len(manifest), emb.identity.image_size, emb.identity.image_size), dtype=bool)
     for i, row in enumerate(manifest.itertuples()):
         if isinstance(row.mask_path, str):
-            gt[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), emb.identity.image_size, method.mask_rule)
+            gt[i] = mask_array(read_mask(row.mask_path, (row.width, row.height)), emb.identity.image_size, rule)
     out["gt"] = torch.from_numpy(gt)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out
 
 
-def evaluate_category(data: dict, windows: tuple[int, ...], rscon_windows: tuple[int, ...], q: float) -> list[dict]:
+def evaluate_category(data: dict, method, windows: tuple[int, ...], q: float) -> list[dict]:
     """Every variant's metrics and time per image for one category's cached stages."""
     n = len(data["labels"])
     labels = data["labels"].numpy()
@@ -103,9 +106,10 @@ def evaluate_category(data: dict, windows: tuple[int, ...], rscon_windows: tuple
             c, t_img = _timed(lambda: maps.image_scores(amaps, image_score, q))
             for resc in RESCORINGS:
                 if resc == "rscin":
-                    final, t_re = _timed(lambda: rscin.rescore(c, data["class_tokens"], windows))
+                    final, t_re = _timed(lambda: rscin.rescore(c, data["class_tokens"], windows,
+                                                                      method.rscin_precision))
                 elif resc == "rscon":
-                    final, t_re = _timed(lambda: rscon.rescore(c, data[f"salient_{agg}"], rscon_windows))
+                    final, t_re = _timed(lambda: rscon.rescore(c, data[f"salient_{agg}"], method.rscon_windows))
                     t_re += float(data[f"seconds_salient_{agg}"])
                 else:
                     final, t_re = c.double(), 0.0
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         for cat in cats:
             start = time.perf_counter()
             data = category_stages(model, profile, args.root, cat, cache)
-            for r in evaluate_category(data, windows, rscon.DEFAULT_WINDOWS, args.topk_q):
+            for r in evaluate_category(data, profile.method, windows, args.topk_q):
                 rows.append({"profile": name, "backbone": resolve_name(profile.backbone.name), "category": cat, **r})
             print(f"{name} {cat}: {time.perf_counter() - start:.0f} s", flush=True)
             df = pd.DataFrame(rows)  # written after every category: an interrupted run leaves its results

@@ -8,42 +8,37 @@ from dagster import (
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
-    ExecutorDefinition,
     RunRequest,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     SkipReason,
     StaticPartitionsDefinition,
     define_asset_job,
-    in_process_executor,
     schedule,
     sensor,
 )
 
-from musc_pipeline.assets.pipeline import backbone_fingerprint
+from musc_pipeline.assets.context import backbone_fingerprint, profile_problem
 from musc_pipeline.settings import Settings
 
 PER_CATEGORY = ("image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
                 "rscin_scores", "category_metrics", "category_figures")
 
 
-def category_job(profile: str, executor: ExecutorDefinition | None = None):
+def category_job(profile: str):
     """All per-category stages of one profile; run per partition (the regression benchmark).
 
-    By default the steps of a run share one process (``in_process_executor``), so the backbone
-    is loaded once per run; runs of different categories still run in parallel processes.
+    Its executor is the code location's (one process per run, see ``build_definitions``).
     """
     return define_asset_job(
         name=f"{profile}_categories",
-        executor_def=executor or in_process_executor,
         selection=AssetSelection.assets(*[AssetKey([profile, a]) for a in PER_CATEGORY]),
         description=f"Materialize every per-category stage of profile {profile!r} for the chosen partitions.",
     )
 
 
-def build_automation(settings: Settings, partitions: StaticPartitionsDefinition,
-                     executor: ExecutorDefinition | None = None):
-    jobs = {p: category_job(p, executor) for p in settings.profiles}
+def build_automation(settings: Settings, partitions: StaticPartitionsDefinition):
+    jobs = {p: category_job(p) for p in settings.profiles}
     summary_job = define_asset_job(
         name="reports", selection=AssetSelection.groups("reports")
         | AssetSelection.assets(*[AssetKey([p, a]) for p in settings.profiles for a in ("metrics_table", "regression_comparison")]),
@@ -61,7 +56,8 @@ def build_automation(settings: Settings, partitions: StaticPartitionsDefinition,
 
         schedules.append(weekly)
 
-    fingerprints = {p: backbone_fingerprint(prof) for p, prof in settings.profiles.items()}
+    fingerprints = {p: backbone_fingerprint(prof) for p, prof in settings.profiles.items()
+                    if not profile_problem(p, prof)}  # an unusable profile has no backbone to watch
 
     @sensor(name="backbone_change_sensor", jobs=list(jobs.values()), minimum_interval_seconds=60,
             default_status=DefaultSensorStatus.STOPPED)

@@ -5,6 +5,11 @@ packaged defaults) is read when the Dagster code location loads. Dataset roots c
 set with environment variables (``MUSC_MVTEC_AD_ROOT``, ``MUSC_VISA_ROOT``,
 ``MUSC_BTAD_ROOT``), so enabling a dataset needs no file edit.
 
+Paths: a relative path in the file is relative to the file's folder; ``repo:<path>`` is
+relative to the musc-pipeline checkout (``repo:data/demo`` = the shipped demo images), so a
+copy of ``musc.yaml`` placed anywhere still finds them; ``~`` is expanded. Roots from the
+environment variables are relative to the working directory, like any shell path.
+
 A *profile* is one way of running MuSc (backbone + method settings). Each profile is its own
 asset group with its own code versions: changing a profile's backbone marks that profile's
 features and everything downstream stale; changing only its RsCIN windows marks only the
@@ -25,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "data" / "demo"
-Layout = Literal["mvtec", "visa", "btad"]
+REPO_PREFIX = "repo:"  # a path relative to the musc-pipeline checkout, wherever the config lives
+Layout = Literal["mvtec", "visa", "btad", "mvtec_3d", "mvtec_loco"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -44,15 +50,19 @@ class BackboneSettings(_Strict):
     image_size: int | None = None  # None: the backbone's default (518 for ViT-L-14-336)
     activation: str = "auto"
     seed: int = 0
+    # auto: the authors' float16 autocast of the backbone on CUDA, float32 elsewhere (recorded per run)
+    precision: Literal["auto", "float32", "float16_autocast"] = "auto"
 
 
 class MethodSettings(_Strict):
     degrees: tuple[int, ...] = (1, 3, 5)
     interval: tuple[float, float] = (0.0, 0.3)
     rscin_windows: tuple[int, ...] | None = None  # None: per dataset (MVTec {1,2,3}, VisA {1,8,9})
+    rscin_precision: Literal["float32", "float64"] = "float32"  # float32: the authors' arithmetic
     subsets: int = 1
-    subset_seed: int = 0
-    mask_rule: str = "nearest"
+    subset_dealing: Literal["authors", "balanced"] = "authors"  # see core.subsets
+    subset_seed: int = 42  # the authors' seed
+    mask_rule: Literal["auto", "nearest", "authors_mvtec", "authors_visa"] = "auto"  # auto: by layout
     smoothing_sigma: float = 0.0
     mode: Literal["zero_shot", "few_shot", "musc_plus"] = "zero_shot"
     references: str | None = None  # folder of normal reference images (few_shot, musc_plus)
@@ -111,8 +121,18 @@ def fingerprint(*parts: BaseModel | str | int | None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-_ENV_ROOTS = {"mvtec_ad": ("MUSC_MVTEC_AD_ROOT", "mvtec"), "visa": ("MUSC_VISA_ROOT", "visa"),
-              "btad": ("MUSC_BTAD_ROOT", "btad")}
+ENV_ROOTS = {"mvtec_ad": ("MUSC_MVTEC_AD_ROOT", "mvtec"), "visa": ("MUSC_VISA_ROOT", "visa"),
+             "btad": ("MUSC_BTAD_ROOT", "btad")}
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """A configured path made absolute: URLs unchanged, ``repo:`` against the checkout, other
+    relative paths against ``base``."""
+    if "://" in value:
+        return value
+    if value.startswith(REPO_PREFIX):
+        return str((REPO_ROOT / value[len(REPO_PREFIX):]).resolve())
+    return str((base / Path(value).expanduser()).resolve())
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:
@@ -122,18 +142,19 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         raw = yaml.safe_load(path.read_text()) or {}
     elif "MUSC_CONFIG" in os.environ:
         raise FileNotFoundError(f"MUSC_CONFIG points to {path}, which does not exist")
+    base = path.resolve().parent if path.exists() else Path.cwd()
     datasets = dict(raw.get("datasets") or {"demo": {"root": str(DEMO_ROOT)}})
-    for name, (var, layout) in _ENV_ROOTS.items():
+    for name, cfg in datasets.items():
+        if isinstance(cfg, dict) and isinstance(cfg.get("root"), str):
+            datasets[name] = {**cfg, "root": resolve_path(cfg["root"], base)}
+    for name, (var, layout) in ENV_ROOTS.items():
         if os.environ.get(var):
-            datasets[name] = {"root": os.environ[var], "layout": layout}
+            datasets[name] = {"root": resolve_path(os.environ[var], Path.cwd()), "layout": layout}
     raw["datasets"] = datasets
     if os.environ.get("MUSC_STORAGE"):
         raw["storage"] = os.environ["MUSC_STORAGE"]
     settings = Settings.model_validate(raw)
-    base = path.resolve().parent if path.exists() else Path.cwd()
     return settings.model_copy(update={
-        "datasets": {k: v.model_copy(update={"root": str((base / v.root).resolve()) if "://" not in v.root else v.root})
-                     for k, v in settings.datasets.items()},
-        "storage": settings.storage if "://" in settings.storage else str((base / settings.storage).resolve()),
-        "reports_dir": str((base / settings.reports_dir).resolve()),
+        "storage": resolve_path(settings.storage, base),
+        "reports_dir": resolve_path(settings.reports_dir, base),
     })

@@ -10,7 +10,7 @@ import pandas as pd
 from dagster import AssetKey, DagsterInstance, build_schedule_context, build_sensor_context
 
 from conftest import small_settings
-from musc_pipeline.assets.pipeline import backbone_fingerprint
+from musc_pipeline.assets.context import backbone_fingerprint
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.settings import BackboneSettings, ProfileSettings
 

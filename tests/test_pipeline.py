@@ -12,11 +12,12 @@ import duckdb
 import numpy as np
 import pandas as pd
 import torch
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterEventType, DagsterInstance, in_process_executor
 
 from conftest import REPO, small_settings
 from musc_pipeline.core import rscin
 from musc_pipeline.definitions import build_definitions
+from musc_pipeline.resources import model
 from musc_pipeline.settings import load_settings
 
 PER_CATEGORY = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
@@ -56,7 +57,10 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     first = pd.read_parquet(metrics_file).iloc[0]
     assert first["image_auroc"] > 0.8 and first["pixel_auroc"] > 0.8
     assert first["backbone"] == "efficientnet_lite0" and not first["random_init"]
-    assert all(ev.passed for ev in result.get_asset_check_evaluations())
+    checks = result.get_asset_check_evaluations()
+    assert all(ev.passed for ev in checks) and all(ev.partition == "mini/cat1" for ev in checks)
+    # first run, and a category the paper has no numbers for: those two checks are skipped, not "passed"
+    assert {ev.check_name for ev in checks} == {"features_shape", "metrics_in_unit_interval"}
     # per stage: time per image and peak memory, the GPU peak only where a stage ran on CUDA (none here)
     assert all(first[f"{stage}_ms_per_image"] > 0 for stage in ("features", "msm", "maps"))
     assert first["peak_rss_mb"] > 100 and np.isnan(first["peak_gpu_mb"])
@@ -78,6 +82,9 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     result2 = _materialize(defs2, ["rscin_scores", "category_metrics"], instance)
     assert result2.success
     ran = {e.asset_key.path[-1] for e in result2.get_asset_materialization_events()}
+    rerun_checks = {ev.check_name: ev for ev in result2.get_asset_check_evaluations()}
+    assert set(rerun_checks) == {"metrics_in_unit_interval", "regression_vs_previous"}
+    assert rerun_checks["regression_vs_previous"].passed and rerun_checks["regression_vs_previous"].partition == "mini/cat1"
     assert ran == {"rscin_scores", "category_metrics"}
     assert feats.stat().st_mtime_ns == feats_mtime  # features were not recomputed
 
@@ -132,6 +139,23 @@ def test_cli_materialize_one_partition(tmp_path, mini_root):
     auroc = con.execute("SELECT image_auroc FROM category_metrics WHERE category = 'cat1'").fetchone()[0]
     con.close()
     assert rows == 10 and 0.5 < auroc <= 1.0
+    # the fast path: every step of the CLI's run executed in the one run process (one backbone load)
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        (run,) = instance.get_runs()
+        pids = {e.dagster_event.event_specific_data.metadata["pid"].value
+                for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+                if e.dagster_event.event_specific_data and "pid" in e.dagster_event.event_specific_data.metadata}
+        steps = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+    assert len(pids) == 1 and len(steps) == 7
+
+
+def test_every_job_runs_in_one_process_and_the_manifest_builds_no_model(tmp_path, mini_root):
+    defs = build_definitions(small_settings(tmp_path, mini_root))
+    assert defs.resolve_implicit_global_asset_job_def().executor_def is in_process_executor  # Materialize, CLI
+    assert defs.resolve_job_def("musc_categories").executor_def is in_process_executor
+    model._loaded.cache_clear()
+    assert _materialize(defs, ["image_manifest"], DagsterInstance.ephemeral()).success
+    assert model._loaded.cache_info().currsize == 0  # weights located, backbone not built
 
 
 def test_few_shot_modes_through_the_assets(tmp_path, mini_root):

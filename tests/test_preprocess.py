@@ -143,3 +143,45 @@ def test_mask_same_size_is_identity_for_all_rules():
 def test_unknown_mask_rule_raises():
     with pytest.raises(ValueError, match="mask rule"):
         preprocess.mask_array(_block_mask(), 8, "bicubic")
+
+
+@pytest.mark.parametrize(("size", "interpolation"), [(224, "bicubic"), (518, "bicubic"), (96, "bicubic"), (256, "bilinear")])
+def test_image_tensor_is_the_authors_transform(size, interpolation):
+    """Bit for bit what the authors feed the network: torchvision's Resize((S, S)) on the PIL
+    image, ToTensor, Normalize (their open_clip transform; DINO: bilinear)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    rgb = np.random.default_rng(size).integers(0, 256, (128, 127, 3), dtype=np.uint8)
+    mode = {"bicubic": transforms.InterpolationMode.BICUBIC, "bilinear": transforms.InterpolationMode.BILINEAR}
+    authors = transforms.Compose([transforms.Resize((size, size), interpolation=mode[interpolation]),
+                                  transforms.ToTensor(), transforms.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    want = authors(Image.fromarray(rgb))
+    got = preprocess.image_tensor(rgb, size, OPENAI_MEAN, OPENAI_STD, interpolation)
+    assert torch.equal(got, want)
+
+
+def test_authors_mvtec_rule_tests_the_rounded_8_bit_value():
+    """PIL rounds the bilinear result to uint8 before the authors' test: a pixel at 254.6/255
+    counts as defect (it is stored as 255), which a test on the float value would miss."""
+    m = np.zeros((4, 4), np.uint8)
+    m[1:3, :] = 255  # a band: PIL's horizontal pass is exact, its vertical pass rounds once
+    size = 1200  # ×300: bilinear weights come within 1/510 of 1 next to the block's plateau
+    out = preprocess.mask_array(m, size, "authors_mvtec")
+    # PIL's upsampling bilinear filter is the align_corners=False triangle filter
+    y = torch.nn.functional.interpolate(torch.from_numpy(m / 255.0)[None, None], size=(size, size),
+                                        mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert out[y >= 1.0].all() and (out & (y < 1.0)).sum() >= 1200  # ≥ 254.5 rounds up to 255: kept
+    # PIL's fixed-point arithmetic rounds like round(y·255) away from the .5 boundary
+    clear = np.abs(y * 255 - 254.5) > 0.01
+    np.testing.assert_array_equal(out[clear], (np.round(y * 255) >= 255)[clear])
+
+
+def test_mask_rule_auto_follows_the_layout():
+    assert preprocess.resolve_mask_rule("auto", "mvtec") == "authors_mvtec"
+    assert preprocess.resolve_mask_rule("auto", "btad") == "authors_mvtec"
+    assert preprocess.resolve_mask_rule("auto", "visa") == "authors_visa"
+    assert preprocess.resolve_mask_rule("auto", "mvtec_loco") == "nearest"
+    assert preprocess.resolve_mask_rule("nearest", "mvtec") == "nearest"
+    with pytest.raises(ValueError, match="mask rule"):
+        preprocess.resolve_mask_rule("bicubic", "mvtec")

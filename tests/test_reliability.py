@@ -226,16 +226,10 @@ def _truncated_png(cat):
     return p, "not a readable image.*truncated"
 
 
-def _non_image_file(cat):
-    p = cat / "test" / "good" / "notes.txt"
-    p.write_text("annotator notes")
-    return p, "not an image file"
-
-
-def _non_image_file_in_defect_folder(cat):
-    p = cat / "test" / "defect" / "Thumbs.db"
-    p.write_bytes(b"\x00" * 64)
-    return p, "not an image file"
+def _dangling_link_in_defect_folder(cat):
+    p = cat / "test" / "defect" / "005.png"
+    os.symlink(cat / "elsewhere" / "005.png", p)
+    return p, "broken symbolic link .its target .* does not exist"
 
 
 def _text_named_png(cat):
@@ -289,9 +283,8 @@ def _empty_category(cat):
     return cat, r"0 test image\(s\)"
 
 
-BAD_INPUTS = [_corrupt_png, _bitflipped_png, _truncated_png, _non_image_file, _non_image_file_in_defect_folder,
-              _text_named_png, _mask_wrong_size,
-              _corrupt_mask, _missing_mask, _extra_mask, _mask_for_unknown_defect, _one_image, _empty_category]
+BAD_INPUTS = [_corrupt_png, _bitflipped_png, _truncated_png, _dangling_link_in_defect_folder, _text_named_png,
+              _mask_wrong_size, _corrupt_mask, _missing_mask, _extra_mask, _mask_for_unknown_defect, _one_image, _empty_category]
 
 
 @pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))

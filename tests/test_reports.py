@@ -7,13 +7,16 @@ Chromium is required: the tests fail (they do not skip) without it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -27,6 +30,7 @@ from musc_pipeline.reports.render import TEMPLATES
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 NOTE = "<b>x</b> pixel labels missing"
+NOT_RUN = ("visa", "capsule")  # configured, materialized by no run
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 METRICS = ("image_auroc", "image_f1_max", "image_ap", "pixel_auroc", "pixel_f1_max", "pixel_ap", "pixel_pro")
 
@@ -226,13 +230,15 @@ def report(tmp_path_factory) -> SimpleNamespace:
             profile=profile,
             description=f"{profile}: fake run for the tests",
             metrics=pd.DataFrame(rows),
-            facts={"backbone": "ViT-B-32 (fake)", "weights sha256": "ab" * 32, "image size": "32",
-                   "note <i>": "<b>x</b>"},
+            facts={"profile": profile, "description": f"{profile}: fake run for the tests",  # as run_facts gives
+                   "backbone": "ViT-B-32 (fake)", "weights sha256": "ab" * 32, "randomly initialised": str(random_init),
+                   "image size": "32", "note <i>": "<b>x</b>"},
             random_init=random_init,
             figures=figs,
         ))
     reference = load_reference(ref_csv)
-    index = render_reports(out, runs, reference)
+    configured = [(d, c) for d, c, _, _ in CATEGORIES] + [NOT_RUN]
+    index = render_reports(out, runs, reference, categories=configured)
     created = files_under(tmp) - before
     pages = {p.name: p for p in out.glob("*.html")}
     return SimpleNamespace(tmp=tmp, out=out, index=index, runs=runs, reference=reference,
@@ -242,14 +248,26 @@ def report(tmp_path_factory) -> SimpleNamespace:
 # --------------------------------------------------------------------------- figures
 
 
-def test_figure_files_are_small_valid_pngs(report):
+def label_px(png: Path, shown_width: float | None = None) -> float:
+    """Height in px of the figure's smallest text when the PNG is shown ``shown_width`` px wide
+    (default: its natural width), from the dpi and text size it records."""
+    with Image.open(png) as img:
+        dpi, smallest = float(img.info["dpi"][0]), float(img.info["min_font_pt"])
+        width = img.size[0]
+    return smallest * dpi / 72 * (shown_width or width) / width
+
+
+def test_figure_files_are_valid_pngs_of_paper_size(report):
     pngs = list((report.out / "figures").rglob("*.png"))
     assert len(pngs) == 2 * len(CATEGORIES) * 3
     for png in pngs:
         assert SAFE_NAME.match(png.name), png.name
-        assert png.stat().st_size < 200_000, f"{png.name}: {png.stat().st_size} bytes"
+        assert png.stat().st_size <= F.MAX_PNG_BYTES, f"{png.name}: {png.stat().st_size} bytes"
         with Image.open(png) as img:
-            assert img.format == "PNG" and min(img.size) > 100
+            assert img.format == "PNG" and img.size[0] >= 700, (png.name, img.size)
+        assert label_px(png) >= 10, f"{png.name}: labels of {label_px(png):.1f} px"
+    with Image.open(next(p for p in pngs if p.name.endswith("_qualitative.png"))) as img:
+        assert img.size[0] > img.size[1] / 2, img.size  # a figure, not a strip (was 369×1290)
 
 
 def test_figures_edge_cases(tmp_path):
@@ -373,7 +391,9 @@ def test_links_are_relative_and_resolve(report, tmp_path):
 def test_chromium_renders_index_and_run_page(report):
     shots = report.tmp / "shots"
     shots.mkdir(exist_ok=True)
-    screenshot(report.tmp, report.index, shots / "index.png")
+    index_img = np.asarray(screenshot(report.tmp, report.index, shots / "index.png").crop((0, 0, 1280, 120)))
+    index_red = (index_img[..., 0] > 170) & (index_img[..., 1] < 40) & (index_img[..., 2] < 40)
+    assert index_red.mean() < 0.01, "a random-init banner sits above the whole index"
     run_page = report.pages["random_vit_mvtec_ad.html"]
     img = screenshot(report.tmp, run_page, shots / "run.png")
     top = np.asarray(img.crop((0, 0, 1280, 300)))
@@ -393,9 +413,49 @@ def test_chromium_renders_index_and_run_page(report):
     assert all(alt for alt in page.attrs("img", "alt"))
     assert any(EVIL in alt for alt in page.attrs("img", "alt"))
 
-    index_dom = Page(dump_dom(report.tmp, report.index))
-    assert BANNER in index_dom.all_text()
+    index_html = dump_dom(report.tmp, report.index)
+    index_dom = Page(index_html)
     assert "mean (3 categories)" in index_dom.all_text()
+    # the banner belongs to the random run's section of the index, and to no other place there
+    sections = dict(re.findall(r'<article class="run[^"]*"[^>]*data-profile="([^"]+)">(.*?)</article>', index_html, re.S))
+    assert set(sections) == {"musc", "random_vit"}
+    assert BANNER in sections["random_vit"] and BANNER not in sections["musc"]
+    assert index_dom.all_text().count(BANNER) == 1
+
+
+def test_run_facts_are_listed_once(report):
+    for name in ("musc_mvtec_ad.html", "random_vit_mvtec_ad.html"):
+        html = report.pages[name].read_text()
+        table = re.search(r'<table class="facts">(.*?)</table>', html, re.S).group(1)
+        keys = re.findall(r'<th scope="row">(.*?)</th>', table)
+        assert len(keys) == len(set(keys)), keys
+        assert keys.count("profile") == 1 and "description" not in keys
+        random_rows = [k for k in keys if "random" in k]
+        assert random_rows == ["randomly initialised backbone"], keys
+        value = re.search(r'randomly initialised backbone</th><td>(.*?)</td>', table).group(1)
+        assert value == ("YES" if name.startswith("random_vit") else "no")
+
+
+def test_chromium_figure_labels_are_at_least_10px_at_100_percent(report):
+    """The run page as Chromium lays it out (1280 px window, zoom 100 %): each figure's smallest
+    text, scaled from the PNG's dpi and recorded text size to the width it is shown at."""
+    page = report.pages["musc_mvtec_ad.html"]
+    html = page.read_text()
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", html)  # allow the probe script
+    html = html.replace("<head>", f'<head><base href="{report.out.as_uri()}/">', 1)
+    probe = ("<script>window.addEventListener('load', () => { document.title = JSON.stringify("
+             "[...document.querySelectorAll('.figs img')].map(i => [i.getAttribute('src'), i.naturalWidth,"
+             " i.getBoundingClientRect().width])); });</script></body>")
+    checker = report.tmp / "check" / "labels.html"
+    checker.parent.mkdir(exist_ok=True)
+    checker.write_text(html.replace("</body>", probe, 1))
+    title = re.search(r"<title>(.*?)</title>", dump_dom(report.tmp, checker), re.S).group(1)
+    shown = json.loads(unescape(title))
+    assert len(shown) == 3 * 3
+    for src, natural, width in shown:
+        png = report.out / unquote(src)
+        assert natural == Image.open(png).size[0] and width > 0, (src, natural, width)
+        assert label_px(png, width) >= 10, f"{src}: smallest text {label_px(png, width):.1f} px at {width:.0f} px wide"
 
 
 def test_chromium_loads_every_image(report):
@@ -416,3 +476,66 @@ def test_chromium_loads_every_image(report):
     dom = dump_dom(report.tmp, checker)
     title = re.search(r"<title>(.*?)</title>", dom).group(1)
     assert title == f"broken=0 total={len(srcs)}", title
+
+
+# --------------------------------------------------------------------------- what is not there
+
+
+def test_missing_runs_categories_and_figures_give_the_real_reason(tmp_path):
+    out = tmp_path / "site"
+    images, masks, maps, scores, labels = fake_category(seed=1)
+    fig_dir = out / "figures"
+    one_class = {"qualitative": F.qualitative(fig_dir, "normal_only", images, masks, maps, scores, np.zeros(6, int),
+                                              [str(i) for i in range(6)]),
+                 "histograms": F.histograms(fig_dir, "normal_only", scores, np.zeros(6, int))}
+    assert F.curves(fig_dir, "normal_only", scores, np.zeros(6, int)) is None
+    rows = pd.DataFrame([
+        {"dataset": "d", "category": "no_figures", "image_auroc": 0.9, "n_images": 47, "n_anomalous": 21},
+        {"dataset": "d", "category": "normal_only", "image_auroc": math.nan, "n_images": 6, "n_anomalous": 0},
+        {"dataset": "d", "category": "gone", "image_auroc": 0.8, "n_images": 10, "n_anomalous": 5},
+    ])
+    runs = [
+        RunData("musc", "", rows, {"backbone": "x"}, False, figures={
+            ("d", "normal_only"): {k: f"figures/{v}" for k, v in one_class.items()},
+            ("d", "gone"): {"qualitative": "figures/deleted.png", "histograms": "../../etc/passwd"},
+        }),
+        RunData("random_vit", "", None, {}, True),  # nothing materialized yet
+    ]
+    configured = [("d", "no_figures"), ("d", "normal_only"), ("d", "gone"), ("d", "later"), ("e", "other")]
+    index = render_reports(out, runs, None, categories=configured)
+
+    run_text = Page((out / "musc_d.html").read_text()).all_text()
+    assert "the labelled images hold only one class" not in run_text
+    assert "not yet materialized: musc/category_figures has not been materialized for this category" in run_text
+    assert "no ROC / PR curves: none of the 6 images is labelled defective" in run_text
+    assert "figure file figures/deleted.png is missing from the report folder" in run_text
+    assert "figure path ../../etc/passwd lies outside the report folder" in run_text
+    assert "Not yet materialized in this run: later" in run_text
+
+    index_text = " ".join(Page(index.read_text()).all_text().split())
+    assert "Not yet materialized: no category of this run has metrics" in index_text  # random_vit
+    assert "e: not yet materialized in this run (1 category: other)" in index_text
+    assert {p.name for p in out.glob("*.html")} == {"index.html", "musc_d.html", "compare_musc_vs_random_vit.html"}
+    assert "not yet materialized in run random_vit" in index.read_text()  # headline cells' reason
+
+
+def test_html_report_asset_renders_before_any_category_is_materialized(tmp_path, mini_root):
+    from conftest import small_settings
+    from dagster import AssetKey, DagsterInstance
+
+    from musc_pipeline.definitions import build_definitions
+    from musc_pipeline.settings import BackboneSettings, ProfileSettings
+
+    settings = small_settings(tmp_path, mini_root)
+    settings = settings.model_copy(update={"profiles": {
+        **settings.profiles, "random_vit": ProfileSettings(backbone=BackboneSettings(name="ViT-B-16", weights="random"))}})
+    job = build_definitions(settings).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=DagsterInstance.ephemeral(), asset_selection=[AssetKey("html_report")])
+    assert result.success
+    index = Path(settings.reports_dir) / "index.html"
+    text = " ".join(Page(index.read_text()).all_text().split())
+    assert text.count("Not yet materialized: no category of this run has metrics") == 2
+    assert "mini: not yet materialized in this run (1 category: cat1)" in text
+    sections = dict(re.findall(r'<article class="run[^"]*"[^>]*data-profile="([^"]+)">(.*?)</article>',
+                               index.read_text(), re.S))
+    assert BANNER in sections["random_vit"] and BANNER not in sections["musc"]  # from the settings

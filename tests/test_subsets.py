@@ -20,9 +20,10 @@ def _shuffled_types(seed: int) -> list[str]:
 
 @pytest.mark.parametrize("s", [1, 2, 3, 4])
 @pytest.mark.parametrize("order_seed", [0, 1])
-def test_covers_every_index_once(s, order_seed):
+@pytest.mark.parametrize("dealing", subsets.DEALINGS)
+def test_covers_every_index_once(s, order_seed, dealing):
     types = _shuffled_types(order_seed)
-    parts = subsets.divide(types, s, seed=7)
+    parts = subsets.divide(types, s, seed=7, dealing=dealing)
     assert len(parts) == s
     allidx = np.concatenate(parts)
     assert sorted(allidx.tolist()) == list(range(len(types)))
@@ -31,10 +32,10 @@ def test_covers_every_index_once(s, order_seed):
 
 
 @pytest.mark.parametrize("s", [2, 3, 4])
-def test_every_type_spread_round_robin(s):
+def test_balanced_spreads_every_type_round_robin(s):
     types = _shuffled_types(3)
     arr = np.asarray(types)
-    parts = subsets.divide(types, s, seed=11)
+    parts = subsets.divide(types, s, seed=11, dealing="balanced")
     total = Counter(types)
     for t, count in total.items():
         per_subset = [int(np.sum(arr[p] == t)) for p in parts]
@@ -52,18 +53,41 @@ def test_s1_is_everything_in_order():
     assert len(parts) == 1 and parts[0].tolist() == list(range(len(TYPES)))
 
 
-def test_deterministic_for_a_seed_and_seed_matters():
-    a = subsets.divide(TYPES, 3, seed=5)
-    b = subsets.divide(TYPES, 3, seed=5)
-    c = subsets.divide(TYPES, 3, seed=6)
+@pytest.mark.parametrize("dealing", subsets.DEALINGS)
+def test_deterministic_for_a_seed_and_seed_matters(dealing):
+    a = subsets.divide(TYPES, 3, seed=5, dealing=dealing)
+    b = subsets.divide(TYPES, 3, seed=5, dealing=dealing)
+    c = subsets.divide(TYPES, 3, seed=6, dealing=dealing)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
-def test_many_single_image_types_still_divide():
-    # four types of one image each: 2 subsets of 2 are possible and must be produced
-    parts = subsets.divide(["a", "b", "c", "d"], 2, seed=0)
+def test_authors_dealing_is_their_shuffle_and_stride():
+    """Python's random seeded once with 42; per type (in order) shuffle, then subset d takes
+    positions d, d + s, …: defect [0..4] shuffles to [3, 1, 2, 4, 0], good [5..8] to [8, 7, 5, 6]."""
+    parts = subsets.divide(["defect"] * 5 + ["good"] * 4, 2, seed=42, dealing="authors")
+    assert [p.tolist() for p in parts] == [[0, 2, 3, 5, 8], [1, 4, 6, 7]]
+
+
+def test_authors_dealing_puts_every_remainder_first():
+    # each type's leftover image goes to subset 0: sizes 4 and 2 (balanced would give 3 and 3)
+    types = ["a"] * 3 + ["b"] * 3
+    assert [len(p) for p in subsets.divide(types, 2, dealing="authors")] == [4, 2]
+    assert sorted(len(p) for p in subsets.divide(types, 2, dealing="balanced")) == [3, 3]
+
+
+def test_many_single_image_types():
+    # four types of one image each: balanced makes 2 subsets of 2; the authors' dealing would
+    # leave subset 2 empty, which is refused
+    parts = subsets.divide(["a", "b", "c", "d"], 2, seed=0, dealing="balanced")
     assert sorted(len(p) for p in parts) == [2, 2]
+    with pytest.raises(ValueError, match="at least 2 images"):
+        subsets.divide(["a", "b", "c", "d"], 2, seed=0, dealing="authors")
+
+
+def test_unknown_dealing_raises():
+    with pytest.raises(ValueError, match="dealing"):
+        subsets.divide(TYPES, 2, dealing="random")
 
 
 @pytest.mark.parametrize("n, s", [(5, 3), (3, 2), (1, 2), (7, 4)])

@@ -88,7 +88,7 @@ def test_rscon_rescore_is_rscin_on_salient_features_with_window_one():
     feats = rng.normal(size=(12, 4))
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     got = rscon.rescore(torch.from_numpy(scores), torch.from_numpy(feats), (7,)).numpy()
-    np.testing.assert_allclose(got, reference.rscin(scores, feats, (1, 7)), atol=1e-12)
+    np.testing.assert_allclose(got, reference.rscin(scores, feats, (1, 7)), atol=1e-6)  # float32, as the authors
 
 
 def test_rscon_rejects_mismatched_scores():

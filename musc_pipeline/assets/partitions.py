@@ -6,6 +6,10 @@ dataset × category definition, which would show impossible cells (mvtec_ad × c
 over dynamic partitions fed by a sensor, which would leave a fresh instance — or the
 ``dagster asset materialize`` CLI — without keys until the sensor had run.
 
+A configured root that does not exist or holds no category is reported with a warning naming
+the path (and the environment variable it came from) when the code location loads — on the
+terminal of ``dagster dev`` and of the ``dagster`` CLI — since its categories cannot appear.
+
 A folder whose name cannot be a key (a path such as ``..`` or ``a\\b``, ``...``, control
 characters such as a tab or newline, which Dagster refuses) is skipped with a warning naming
 it, so one odd folder never stops the code location from loading.
@@ -14,11 +18,12 @@ it, so one odd folder never stops the code location from loading.
 from __future__ import annotations
 
 import logging
+import os
 
 from dagster import StaticPartitionsDefinition
 
-from musc_pipeline.resources.datasets import categories
-from musc_pipeline.settings import DatasetSettings, Settings
+from musc_pipeline.resources.datasets import categories, root_problem
+from musc_pipeline.settings import ENV_ROOTS, DatasetSettings, Settings
 
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,13 @@ def _unusable(category: str) -> str | None:
 def partition_keys(settings: Settings) -> list[str]:
     keys = []
     for dataset, cfg in settings.datasets.items():
+        problem = root_problem(cfg.root, cfg.layout)
+        if problem:
+            var = ENV_ROOTS.get(dataset, ("",))[0]
+            source = f" (from ${var})" if var and os.environ.get(var) else ""
+            log.warning("dataset %s: root %s%s %s; it contributes no partition until this is fixed "
+                        "and the code location reloaded", dataset, cfg.root, source, problem)
+            continue
         for category in categories(cfg.root, cfg.layout):
             why = _unusable(category)
             if why:

@@ -1,8 +1,11 @@
 """Assets over all categories: metric tables, figures, the DuckDB catalog and the HTML report."""
 
 
+import importlib.metadata
 import json
 import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +21,10 @@ from dagster import (
     asset,
 )
 
-from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.assets.pipeline import REFERENCE_CSV, _md_table, ground_truth, run_facts
+from musc_pipeline.assets.partitions import partition_keys, split_key
+from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
+from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
+from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
@@ -54,7 +59,8 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
             raise ValueError(f"profile {name!r}: no category has been materialized yet")
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
         table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
-        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(_md_table(table))})
+        return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))}
+                      | table_metadata(df))
 
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
@@ -69,8 +75,8 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
                              "after_backbone": r.backbone})
         df = pd.DataFrame(rows)
         changed = df[df["delta"].abs() > 1e-9]
-        return Output(df, metadata={"changed_values": len(changed),
-                                    "largest_changes": MetadataValue.md(_md_table(
+        return Output(df, metadata=table_metadata(df) | {"changed_values": len(changed),
+                                    "largest_changes": MetadataValue.md(md_table(
                                         changed.reindex(changed["delta"].abs().sort_values(ascending=False).index).head(15)))
                                     if len(changed) else "no change"})
 
@@ -80,13 +86,13 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
     def category_figures(context: AssetExecutionContext, amaps: ArrayBundle, scores: pd.DataFrame,
                          manifest: pd.DataFrame) -> MaterializeResult:
         """Qualitative maps, score histograms and ROC/PR curves of one category (PNG files)."""
-        dataset, _, category = split_key(settings, context.partition_key)
+        dataset, cfg, category = split_key(settings, context.partition_key)
         out_dir = figure_dir(settings, name, dataset, category)
         out_dir.mkdir(parents=True, exist_ok=True)
         size = int(amaps.meta["image_size"])
         labels = scores["label"].fillna(-1).to_numpy(int)
         maps_ = amaps.arrays["maps"]
-        masks = ground_truth(manifest, size, profile.method.mask_rule)
+        masks = ground_truth(manifest, size, resolve_mask_rule(profile.method.mask_rule, cfg.layout))
         images = [read_image(p) for p in manifest["path"]]
         s = scores["score_rscin"].to_numpy()
         made = {
@@ -94,9 +100,10 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
             "histograms": figures.histograms(out_dir, category, s, labels, maps_, masks),
             "curves": figures.curves(out_dir, category, s, labels),
         }
-        made = {k: str(Path(v).name) for k, v in made.items() if v}
-        (out_dir / "figures.json").write_text(json.dumps(made))
-        return MaterializeResult(metadata={"figures": MetadataValue.json(made), "folder": MetadataValue.path(str(out_dir))})
+        made = {k: v for k, v in made.items() if v}
+        (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
+        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(v)) for k, v in made.items()}
+        return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]
 
@@ -127,32 +134,63 @@ def build_global_assets(settings: Settings) -> list:
         return MaterializeResult(metadata={"path": MetadataValue.path(str(db)), "rows": MetadataValue.json(counts)})
 
     @asset(name="html_report", group_name="reports", kinds={"html"},
-           ins={f"table_{p}": AssetIn(AssetKey([p, "metrics_table"])) for p in profiles},
+           ins={f"metrics_{p}": AssetIn(AssetKey([p, "category_metrics"]), partition_mapping=AllPartitionMapping(),
+                                        metadata=_ALL) for p in profiles},
            deps=[AssetKey([p, "category_figures"]) for p in profiles])
-    def html_report(context: AssetExecutionContext, **tables: pd.DataFrame) -> MaterializeResult:
-        """Static HTML: per-run paper-format tables, figures, run facts, and a run comparison."""
+    def html_report(context: AssetExecutionContext, **per_category) -> MaterializeResult:
+        """Static HTML: per-run paper-format tables, figures, run facts, and a run comparison, from
+        whichever categories are materialized (the others are shown as not yet materialized)."""
         out_dir = Path(settings.reports_dir)
         runs = []
         for p in profiles:
-            df = tables[f"table_{p}"]
+            parts = per_category[f"metrics_{p}"]
+            parts = {"": parts} if isinstance(parts, pd.DataFrame) else parts  # a lone partition comes unwrapped
+            df = pd.concat(parts.values(), ignore_index=True).sort_values(["dataset", "category"]) if parts else None
             figs = {}
-            for r in df.itertuples():
+            for r in df.itertuples() if df is not None else []:
                 folder = figure_dir(settings, p, r.dataset, r.category)
                 listing = folder / "figures.json"
                 if listing.is_file():
                     figs[(r.dataset, r.category)] = {
                         k: os.path.relpath(folder / v, out_dir) for k, v in json.loads(listing.read_text()).items()
                     }
+            random_init = bool(df["random_init"].any()) if df is not None else settings.profiles[p].backbone.weights == "random"
             runs.append(render.RunData(
                 profile=p, description=settings.profiles[p].description, metrics=df,
-                facts=run_facts(p, settings.profiles[p], df), random_init=bool(df["random_init"].any()), figures=figs,
+                facts=run_facts(p, settings.profiles[p], df if df is not None else pd.DataFrame()),
+                random_init=random_init, figures=figs, layouts={d: cfg.layout for d, cfg in settings.datasets.items()},
             ))
         reference = render.load_reference(REFERENCE_CSV)
-        index = render.render_reports(out_dir, runs, reference, variants=variant_groups(settings))
+        configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
+        index = render.render_reports(out_dir, runs, reference, categories=configured,
+                                      variants=variant_groups(settings))
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 
     return [results_catalog, html_report]
+
+
+def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFrame) -> dict[str, str]:
+    """Facts for the report: backbone identity, method config, timings, memory, versions, date."""
+    facts = {"profile": profile_name, "description": profile.description}
+    if len(metrics_df):
+        first = metrics_df.iloc[0]
+        facts |= {"backbone": str(first["backbone"]), "weights sha256": str(first["weights_sha256"]) or "n/a (random)",
+                  "randomly initialised": str(bool(first["random_init"])), "image size": str(first["image_size"])}
+        for stage in ("features", "msm", "maps"):
+            col = f"{stage}_ms_per_image"
+            facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
+        facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
+        if metrics_df.get("peak_gpu_mb", pd.Series(dtype=float)).notna().any():  # absent in tables before it
+            facts["peak GPU memory (allocated by torch, MB, max)"] = f"{metrics_df['peak_gpu_mb'].max():.0f}"
+    facts["method"] = profile.method.model_dump_json()
+    facts["backbone settings"] = profile.backbone.model_dump_json()
+    facts["subsets"] = str(profile.method.subsets)
+    for pkg in ("torch", "open_clip_torch", "timm", "dagster"):
+        facts[f"version: {pkg}"] = importlib.metadata.version(pkg)
+    facts["python"] = platform.python_version()
+    facts["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return facts
 
 
 def variant_groups(settings: Settings) -> dict[str, list[str]]:

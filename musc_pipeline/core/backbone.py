@@ -12,6 +12,11 @@ A :class:`FeatureExtractor` maps a batch B×3×S×S to
 - ``embedding``: B×D L2-normalised image embedding (CLIP: the projected image embedding;
   DINO: the class token; EfficientNet: global average pool of the head conv). RsCIN only.
 
+Position embeddings *(impl)*: at a size other than the native one the ViT's grid of position
+embeddings is resized as the authors' loader does it (:func:`resize_position_embedding`:
+bicubic, ``align_corners=False``, no antialiasing); open_clip 3.3's own loader antialiases,
+which moves patch tokens by about 1 % at 518 px.
+
 Activation *(impl)*: at S = 518 the authors rebuild ViT-L-14-336 from its config without
 QuickGELU, so the published numbers use exact GELU with OpenAI weights; at the native 336
 they keep QuickGELU. ``activation="auto"`` reproduces that; ``gelu``/``quick_gelu`` force one.
@@ -23,6 +28,7 @@ increasing depth (strides 4, 8, 16, 32), each resized to the grid of ``grid_stri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -232,6 +238,32 @@ def build(
         load_weights(model)
     network = model.visual if spec.family == "open_clip" else model
     return FeatureExtractor(spec, network, size, act)
+
+
+def resize_position_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + g·g)×C class + grid position embeddings -> (1 + h·w)×C, as the authors resize them.
+
+    Bicubic, ``align_corners=False``, no antialiasing, in float32; the class token's entry is kept.
+    """
+    cls_pos, grid_pos = pos[:1], pos[1:].float()
+    side = math.isqrt(grid_pos.shape[0])
+    if side * side != grid_pos.shape[0]:
+        raise ValueError(f"{grid_pos.shape[0]} grid position embeddings do not form a square grid")
+    if (side, side) == tuple(grid):
+        return pos
+    x = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # 1×C×g×g
+    x = F.interpolate(x, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False)
+    x = x.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)  # (h·w)×C
+    return torch.cat([cls_pos.float(), x]).to(pos.dtype)
+
+
+def load_open_clip_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an open_clip-format CLIP state dict, resizing the image position embedding like the authors."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    key = "visual.positional_embedding"
+    if key in state:
+        state[key] = resize_position_embedding(state[key], tuple(model.visual.grid_size))
+    model.load_state_dict(state, strict=True)
 
 
 def load_efficientnet_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

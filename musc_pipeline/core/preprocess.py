@@ -1,15 +1,22 @@
 """Image and mask arrays -> backbone input and S×S ground truth (SPEC §1).
 
 Decoding files is the caller's job; this module takes arrays. Images are resized to S×S
-ignoring aspect ratio (CLIP: bicubic, DINO/EfficientNet: bilinear), then normalised with the
-backbone's mean/std.
+ignoring aspect ratio with PIL (CLIP and EfficientNet: bicubic, DINO: bilinear), exactly what
+the authors' torchvision ``Resize((S, S))`` does to a PIL image, then scaled to [0, 1] and
+normalised with the backbone's mean/std (``ToTensor`` + ``Normalize``).
 
 Mask rules (``MASK_RULES``), all giving S×S booleans:
 
-- ``nearest`` (default): nearest-neighbour resize of the binary mask (value > 127).
-- ``authors_mvtec``: bilinear resize of mask/255, keep pixels that stay exactly 1 (the
-  authors truncate to int: edges erode slightly; their MVTec AD / BTAD rule).
-- ``authors_visa``: bilinear resize, keep pixels > 0 (edges dilate slightly; their VisA rule).
+- ``nearest``: nearest-neighbour resize of the binary mask; for data outside the paper's
+  datasets.
+- ``authors_mvtec``: the authors' MVTec AD / BTAD rule: PIL bilinear resize of the 0/255 mask
+  (which rounds to uint8), keep pixels that stay exactly 255 (they truncate the [0, 1] value to
+  int: edges erode slightly).
+- ``authors_visa``: the authors' VisA rule: the same resize, keep pixels > 0 (edges dilate).
+
+``mask_rule: auto`` (:func:`resolve_mask_rule`) picks the authors' rule for the layouts of the
+paper's datasets (``mvtec``, ``btad``: ``authors_mvtec``; ``visa``: ``authors_visa``) and
+``nearest`` for every other layout.
 """
 
 from __future__ import annotations
@@ -18,12 +25,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from PIL import Image
 
 MASK_RULES = ("nearest", "authors_mvtec", "authors_visa")
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+AUTHORS_MASK_RULE = {"mvtec": "authors_mvtec", "btad": "authors_mvtec", "visa": "authors_visa"}
+_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -55,11 +61,21 @@ def image_tensor(
     std: Sequence[float],
     interpolation: str = "bicubic",
 ) -> torch.Tensor:
-    """H×W×3 uint8 -> 3×S×S float32, resized (aspect ignored) and normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-    x = TF.resize(x, [size, size], interpolation=_INTERPOLATION[interpolation], antialias=True)
-    x = x.float() / 255.0
-    return TF.normalize(x, mean=list(mean), std=list(std))
+    """H×W×3 uint8 -> 3×S×S float32: PIL resize (aspect ignored, uint8 result), /255, normalised."""
+    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), _PIL_RESAMPLE[interpolation])
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div(255.0)  # 3×S×S
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - m) / s
+
+
+def resolve_mask_rule(rule: str, layout: str) -> str:
+    """``auto`` -> the authors' rule for the paper datasets' layouts, else ``nearest``."""
+    if rule == "auto":
+        return AUTHORS_MASK_RULE.get(layout, "nearest")
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}; use auto or one of {MASK_RULES}")
+    return rule
 
 
 def mask_array(mask: np.ndarray, size: int, rule: str = "nearest") -> np.ndarray:
@@ -69,11 +85,10 @@ def mask_array(mask: np.ndarray, size: int, rule: str = "nearest") -> np.ndarray
     m = np.asarray(mask)
     if m.ndim == 3:
         m = m[..., 0]
-    scale = 255.0 if m.max(initial=0) > 1 else 1.0
-    x = torch.from_numpy((m.astype(np.float32) / scale)[None, None])
+    binary = Image.fromarray(np.where(m > (127 if m.max(initial=0) > 1 else 0), 255, 0).astype(np.uint8))
     if rule == "nearest":
-        return (F.interpolate((x > 0.5).float(), size=(size, size), mode="nearest")[0, 0] > 0.5).numpy()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST)) > 127
+    resized = np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR))  # uint8, as PIL rounds
     if rule == "authors_mvtec":
-        return (y >= 1.0).numpy()
-    return (y > 0).numpy()
+        return resized == 255
+    return resized > 0

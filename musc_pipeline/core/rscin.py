@@ -1,6 +1,6 @@
 """RsCIN: Re-scoring with Constrained Image-level Neighbourhood (paper §3.4, SPEC §5).
 
-Inputs: image scores c (N) and class tokens T (N×D), L2-normalised here.
+Inputs: image scores c (N) and class tokens T (N×D), L2-normalised.
 
     ĉ     = (c − min c) / (max c − min c)
     W     = T Tᵀ                              cosine similarities, W_ii = 1
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 WINDOWS_BY_DATASET = {"mvtec_ad": (1, 2, 3), "visa": (1, 8, 9)}
 DEFAULT_WINDOWS = (1, 2, 3)
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 def windows_for(dataset: str) -> tuple[int, ...]:
@@ -38,24 +39,42 @@ def min_max(scores: torch.Tensor) -> torch.Tensor:
 
 
 def rescore(
-    scores: torch.Tensor, class_tokens: torch.Tensor, windows: Sequence[int] = DEFAULT_WINDOWS
+    scores: torch.Tensor,
+    class_tokens: torch.Tensor,
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    precision: str = "float32",
 ) -> torch.Tensor:
-    """scores: N, class_tokens: N×D (any scale) -> N float64 re-scored image scores."""
+    """scores: N, class_tokens: N×D L2-normalised -> N float64 re-scored image scores.
+
+    ``precision="float32"`` is the authors' arithmetic, operation for operation: W = T Tᵀ as a
+    float32 NumPy product, each row's N − k smallest entries zeroed, P = D⁻¹W_k and P ĉ in
+    float32 — so near-tied neighbours (1e-7 apart) fall the way they fall in the authors' code.
+    ``float64`` computes the same formula in double precision.
+    """
     n = scores.shape[0]
     if class_tokens.shape[0] != n:
         raise ValueError(f"{n} scores but {class_tokens.shape[0]} class tokens")
     if not windows or any(k < 1 for k in windows):
         raise ValueError(f"RsCIN windows must be positive integers, got {tuple(windows)}")
-    c = min_max(scores)
-    t = F.normalize(class_tokens.double(), dim=1)  # cosine similarities whatever the backbone's scale
-    w = t @ t.T  # N×N
-    out = torch.zeros_like(c)
+    dtype = PRECISIONS.get(precision)
+    if dtype is None:
+        raise ValueError(f"RsCIN precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    norms = torch.linalg.vector_norm(class_tokens.double(), dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        raise ValueError("RsCIN needs L2-normalised class tokens (SPEC §5); "
+                         f"got norms from {norms.min():.4g} to {norms.max():.4g}")
+    t = class_tokens.detach().cpu().numpy().astype(np.dtype(str(dtype).removeprefix("torch.")))
+    w = torch.from_numpy(t @ t.T)  # N×N cosine similarities, W_ii = 1
+    c = min_max(scores).to(dtype)
+    per_window = []
     for k in windows:
         k = min(int(k), n)
-        top = torch.topk(w, k=k, dim=1)
-        w_k = torch.zeros_like(w).scatter_(1, top.indices, top.values)
-        sums = w_k.sum(dim=1, keepdim=True)
-        zero = sums[:, 0].abs() < 1e-9  # the self-similarity 1 cancelled by opposite neighbours
+        w_k = w.clone()
+        if k < n:
+            dropped = torch.topk(w, n - k, dim=1, largest=False, sorted=True).indices
+            w_k.scatter_(1, dropped, 0.0)
+        sums = w_k.sum(dim=1)
+        zero = sums.abs() < 1e-6  # the self-similarity 1 cancelled by opposite neighbours
         if zero.any():
             raise ValueError(
                 f"RsCIN window k = {k}: the class-token similarities of image(s) "
@@ -63,5 +82,6 @@ def rescore(
                 "(opposite embeddings), so their weighted average is undefined; use smaller "
                 "windows (method.rscin_windows)"
             )
-        out += (w_k / sums) @ c
-    return out / len(windows)
+        p = (1.0 / sums)[:, None] * w_k  # D⁻¹ W_k
+        per_window.append(p @ c[:, None])  # N×1
+    return torch.cat(per_window, dim=1).mean(dim=1).double()

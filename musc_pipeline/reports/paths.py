@@ -42,18 +42,22 @@ def inside(root: Path, name: str) -> Path:
     return path
 
 
-def safe_relpath(root: Path, relpath: str) -> str | None:
-    """Normalise a figure path given relative to ``root``; None if it is absolute, climbs out
-    of ``root`` (``..``), or does not name an existing file inside ``root``."""
-    if not relpath:
-        return None
+def escapes(root: Path, relpath: str) -> bool:
+    """True if ``relpath`` is absolute, climbs out of ``root`` (``..``) or resolves outside it."""
     rel = PurePosixPath(str(relpath).replace("\\", "/"))
-    if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] == ("",):
-        return None
+    if rel.is_absolute() or ".." in rel.parts:
+        return True
     try:
-        path = inside(root, rel.as_posix())
+        inside(root, rel.as_posix())
     except ValueError:
+        return True
+    return False
+
+
+def safe_relpath(root: Path, relpath: str) -> str | None:
+    """Normalise a figure path given relative to ``root``; None if it is empty, escapes ``root``
+    (:func:`escapes`), or does not name an existing file inside ``root``."""
+    if not relpath or escapes(root, relpath):
         return None
-    if not path.is_file():
-        return None
-    return rel.as_posix()
+    rel = PurePosixPath(str(relpath).replace("\\", "/")).as_posix()
+    return rel if inside(root, rel).is_file() else None

@@ -24,7 +24,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from .paths import inside, safe_relpath, slug
+from .conventions import conventions
+from .paths import escapes, inside, safe_relpath, slug
 
 TEMPLATES = Path(__file__).parent / "templates"
 CSS_NAME = "report.css"
@@ -52,10 +53,17 @@ FIGURE_KINDS: tuple[tuple[str, str], ...] = (
 class RunData:
     profile: str  # e.g. "musc", "random_vit"
     description: str
-    metrics: pd.DataFrame  # one row per category: dataset, category, METRICS (fractions or NaN), n_images, n_anomalous, notes
+    metrics: pd.DataFrame | None  # one row per materialized category: dataset, category, METRICS (fractions or NaN), n_images, n_anomalous, notes; None: none yet
     facts: dict[str, str]  # run facts: backbone, weights sha256, image size, timings, versions, date, …
-    random_init: bool  # True -> a loud banner on every page of this run
-    figures: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (dataset, category) -> kind -> relpath
+    random_init: bool  # True -> a loud banner on every page of this run and on its section of the index
+    # (dataset, category) -> kind -> relpath, for the categories whose category_figures exist
+    figures: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)  # dataset -> layout, for the authors' mask rule
+
+
+#: Fact keys shown from RunData's own fields (or the page's lede), never repeated from ``facts``.
+OWN_FACTS = {"profile", "description", "randomly initialised", "randomly initialised backbone", "random init"}
+NOT_MATERIALIZED = "not yet materialized"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -75,7 +83,10 @@ def load_reference(path: Path) -> pd.DataFrame:
 
 
 def _metrics_frame(run: RunData) -> pd.DataFrame:
-    df = run.metrics.copy() if run.metrics is not None else pd.DataFrame()
+    if run.metrics is None or (run.metrics.empty and not len(run.metrics.columns)):
+        df = pd.DataFrame({"dataset": pd.Series(dtype=str), "category": pd.Series(dtype=str)})
+    else:
+        df = run.metrics.copy()
     for col in ("dataset", "category"):
         if col not in df.columns:
             raise ValueError(f"run {run.profile!r}: metrics table lacks a {col!r} column")
@@ -235,8 +246,24 @@ class _Names:
         return name
 
 
-def _figures(out_dir: Path, run: RunData, dataset: str, category: str) -> list[dict]:
-    given = dict(run.figures.get((dataset, category), {}) or {})
+def _no_curves(rec: dict) -> str:
+    """Why a category whose figures exist has no ROC / PR curves, from its image counts."""
+    n, k = rec.get("n_images"), rec.get("n_anomalous")
+    if _is_nan(n) or _is_nan(k):
+        return "no ROC / PR curves: the labelled images hold only one class"
+    n, k = int(float(n)), int(float(k))
+    if k == 0:
+        return f"no ROC / PR curves: none of the {n} images is labelled defective"
+    if k == n:
+        return f"no ROC / PR curves: all {n} images are labelled defective"
+    return (f"no ROC / PR curves although the category holds {n - k} normal and {k} defective images: "
+            "its figures predate its metrics; re-materialize category_figures")
+
+
+def _figures(out_dir: Path, run: RunData, rec: dict) -> list[dict]:
+    dataset, category = rec["dataset"], rec["category"]
+    made = run.figures.get((dataset, category))
+    given = dict(made or {})
     kinds = list(FIGURE_KINDS) + [(k, k.replace("_", " ").capitalize()) for k in given if k not in dict(FIGURE_KINDS)]
     items = []
     for kind, caption in kinds:
@@ -246,17 +273,22 @@ def _figures(out_dir: Path, run: RunData, dataset: str, category: str) -> list[d
             items.append({"kind": kind, "caption": caption, "src": quote(src),
                           "alt": f"{caption} for {dataset} / {category}", "missing": None})
             continue
-        if rel:
-            why = f"figure file {rel!s} is missing or lies outside the report folder"
+        if made is None:
+            why = f"{NOT_MATERIALIZED}: {run.profile}/category_figures has not been materialized for this category"
+        elif rel and escapes(out_dir, rel):
+            why = f"figure path {rel!s} lies outside the report folder: not linked"
+        elif rel:
+            why = f"figure file {rel!s} is missing from the report folder; re-materialize category_figures"
         elif kind == "curves":
-            why = "no ROC / PR curves: the labelled images hold only one class"
+            why = _no_curves(rec)
         else:
-            why = "figure not produced"
+            why = f"category_figures made no {caption.lower()} figure for this category"
         items.append({"kind": kind, "caption": caption, "src": None, "alt": "", "missing": why})
     return items
 
 
-def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: _Reference) -> dict:
+def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: _Reference,
+              missing: list[str]) -> dict:
     part = df[df["dataset"] == dataset]
     has_ref = ref.has_dataset(dataset)
     rows = []
@@ -268,7 +300,7 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
             "n_anomalous": _count(rec["n_anomalous"]),
             "notes": note,
             "cells": [dict(value_cell(rec[k], note, ref.value(dataset, cat, k)), metric=k) for k in METRICS],
-            "figures": _figures(out_dir, run, dataset, cat),
+            "figures": _figures(out_dir, run, rec),
             "anchor": "cat-" + slug(cat),
         })
     mean_cells = []
@@ -281,11 +313,14 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
         "rows": rows,
         "mean": {"label": f"mean ({len(rows)} categories)", "cells": mean_cells},
         "has_ref": has_ref,
+        "missing": missing,
     }
 
 
-def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Reference) -> dict:
-    cats = list(dict.fromkeys(c for _, df in frames for c in df.loc[df["dataset"] == dataset, "category"]))
+def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Reference,
+              expected: list[str]) -> dict:
+    done = list(dict.fromkeys(c for _, df in frames for c in df.loc[df["dataset"] == dataset, "category"]))
+    cats = list(dict.fromkeys(done + expected))
     has_ref = ref.has_dataset(dataset)
     rows = []
     for cat in cats:
@@ -294,7 +329,8 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Re
             hit = df[(df["dataset"] == dataset) & (df["category"] == cat)]
             for k in HEADLINE:
                 if hit.empty:
-                    cells.append(dict(value_cell(math.nan, "category not in this run"), metric=k, profile=run.profile))
+                    cells.append(dict(value_cell(math.nan, f"{NOT_MATERIALIZED} in run {run.profile}"),
+                                      metric=k, profile=run.profile))
                 else:
                     rec = hit.iloc[0]
                     cells.append(dict(value_cell(rec[k], rec["notes"]), metric=k, profile=run.profile))
@@ -305,18 +341,18 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Re
     for run, df in frames:
         part = df[df["dataset"] == dataset]
         for k in HEADLINE:
-            m, note = _mean(part[k]) if not part.empty else (math.nan, "dataset not in this run")
+            m, note = _mean(part[k]) if not part.empty else (math.nan, f"{NOT_MATERIALIZED} in run {run.profile}")
             mean_cells.append(dict(value_cell(m, note), metric=k, profile=run.profile, title=note))
     paper_mean = []
     for k in HEADLINE:
-        v, note = ref.mean(dataset, cats, k)
+        v, note = ref.mean(dataset, done, k)
         paper_mean.append(dict(value_cell(v / 100 if v is not None else math.nan, "not in the paper's table"),
                                title=note))
     return {
         "dataset": dataset,
         "runs": [{"profile": r.profile, "random_init": r.random_init} for r, _ in frames],
         "rows": rows,
-        "mean": {"label": f"mean ({len(cats)} categories)", "cells": mean_cells, "paper": paper_mean},
+        "mean": {"label": f"mean ({len(done)} categories)", "cells": mean_cells, "paper": paper_mean},
         "has_ref": has_ref,
     }
 
@@ -362,19 +398,29 @@ def _variants(paper: tuple[RunData, pd.DataFrame], variants: list[tuple[RunData,
     return list(sections.values())
 
 
+def _facts(run: RunData) -> list[tuple[str, str]]:
+    """Run facts, each once: the run's own fields first, then ``facts`` without repeating them."""
+    rows = [("profile", run.profile), ("randomly initialised backbone", "YES" if run.random_init else "no")]
+    rows += [(str(k), str(v)) for k, v in (run.facts or {}).items() if str(k) not in OWN_FACTS]
+    return rows
+
+
 def render_reports(
     out_dir: Path,
     runs: list[RunData],
     reference: pd.DataFrame | None,
     compare: tuple[str, str] | None = None,
+    categories: list[tuple[str, str]] | None = None,
     variants: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write the report folder; returns ``out_dir / "index.html"``.
 
     ``compare`` names two run profiles ``(a, b)`` for the page of deltas b − a; by default the
-    first two runs are compared when there are at least two. ``variants`` maps a paper
-    profile to its method-variant profiles (same backbone): one page per paper profile shows
-    every variant's deltas against it, category by category.
+    first two runs are compared when there are at least two. ``categories`` lists the
+    configured ``(dataset, category)`` pairs: those a run has no metrics for are shown as not
+    yet materialized (a run with no metrics at all is shown as such, never an error).
+    ``variants`` maps a paper profile to its method-variant profiles (same backbone): one page
+    per paper profile shows every variant's deltas against it, category by category.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,6 +428,9 @@ def render_reports(
     if len(set(profiles)) != len(profiles):
         raise ValueError(f"render_reports: run profiles must be unique, got {profiles}")
     frames = [(run, _metrics_frame(run)) for run in runs]
+    expected: dict[str, list[str]] = {}
+    for dataset, category in categories or []:
+        expected.setdefault(str(dataset), []).append(str(category))
     ref = _Reference(reference)
     env = _env()
     names = _Names(out_dir)
@@ -410,13 +459,18 @@ def render_reports(
 
     run_links = []
     for run, df in frames:
+        done = set(zip(df["dataset"], df["category"]))
+        missing = {d: [c for c in cats if (d, c) not in done] for d, cats in expected.items()}
         files = [(d, names.take(run.profile, d)) for d in _datasets(df)]
-        pages = [{"dataset": d, "file": f, "href": _href(f)} for d, f in files]
+        pages = [{"dataset": d, "file": f, "href": _href(f), "missing": missing.get(d, [])} for d, f in files]
+        unpaged = [{"dataset": d, "missing": cats} for d, cats in missing.items() if cats and d not in dict(files)]
         run_links.append({"profile": run.profile, "description": run.description,
                           "backbone": (run.facts or {}).get("backbone", ""),
-                          "random_init": run.random_init, "pages": pages, "n_categories": len(df)})
+                          "random_init": run.random_init, "pages": pages, "unpaged": unpaged,
+                          "n_categories": len(df)})
 
     def write(name: str, template: str, **ctx) -> None:
+        ctx.setdefault("banners", [])
         html = env.get_template(template).render(banner=BANNER, css=CSS_NAME, **ctx)
         inside(out_dir, name).write_text(html, encoding="utf-8")
 
@@ -425,19 +479,16 @@ def render_reports(
             others = [p for p in link["pages"] if p is not page]
             write(
                 page["file"], "run.html",
-                run=run, facts=[(str(k), str(v)) for k, v in (run.facts or {}).items()],
-                table=_run_page(out_dir, run, df, page["dataset"], ref),
+                run=run, facts=_facts(run),
+                table=_run_page(out_dir, run, df, page["dataset"], ref, page["missing"]),
+                conventions=conventions(df[df["dataset"] == page["dataset"]], run.layouts.get(page["dataset"])),
                 groups=GROUPS, other_pages=others,
                 banners=[run.profile] if run.random_init else [],
             )
 
     if compare_info is not None:
         a, b = (dict(zip(profiles, frames))[p] for p in compare)
-        write(
-            compare_info["file"], "compare.html",
-            a=a[0], b=b[0], sections=_compare(a, b), groups=GROUPS,
-            banners=[r.profile for r in (a[0], b[0]) if r.random_init],
-        )
+        write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b), groups=GROUPS)
 
     for page in variant_pages:
         involved = [by_name[p] for p in (page["paper"], *page["variants"])]
@@ -445,15 +496,13 @@ def render_reports(
             page["file"], "variants.html",
             paper=involved[0][0], variants=[r for r, _ in involved[1:]],
             sections=_variants(involved[0], involved[1:]), groups=GROUPS,
-            banners=[r.profile for r, _ in involved if r.random_init],
         )
 
-    all_datasets = list(dict.fromkeys(d for _, df in frames for d in _datasets(df)))
+    all_datasets = list(dict.fromkeys([d for _, df in frames for d in _datasets(df)] + list(expected)))
     write(
         "index.html", "index.html",
         runs=run_links, compare=compare_info, variant_pages=variant_pages,
-        headlines=[_headline(d, frames, ref) for d in all_datasets],
+        headlines=[_headline(d, frames, ref, expected.get(d, [])) for d in all_datasets],
         headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
-        banners=[r.profile for r in runs if r.random_init],
     )
     return out_dir / "index.html"

@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import logging
 import os
 import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class Identity:
     image_size: int
     activation: str
     package: str
+    preprocess: str  # how images were resized (the authors': PIL on the RGB image)
+    pos_embed_resize: str  # how a ViT's position embeddings were resized, or why they were not
+    precision: str  # float32, or float16_autocast (CUDA)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -164,6 +168,34 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def locate_weights(settings: BackboneSettings) -> str | None:
+    """The weights file ``settings`` would load (None for random weights), without building
+    the model; raises :class:`WeightsUnavailableError` like :func:`load_extractor`."""
+    if settings.weights == "random":
+        return None
+    if settings.weights != "default":
+        if not Path(settings.weights).is_file():
+            raise WeightsUnavailableError(f"{settings.weights}: checkpoint file not found")
+        return settings.weights
+    spec = bb.get_spec(resolve_name(settings.name))
+    return _package_weights_file(spec)[0] if spec.weights_package else _hub_weights_file(spec)
+
+
+@contextmanager
+def _without_open_clip_random_notice() -> Iterator[None]:
+    """open_clip logs "No pretrained weights loaded" for every model it creates without them;
+    here weights are loaded right after, or the features are labelled random everywhere."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
     """Build the backbone of ``settings`` with its weights (see module doc)."""
     name = resolve_name(settings.name)
@@ -186,9 +218,32 @@ def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Ide
         state = _read_state_dict(path)
         source, sha = path, _sha256(path)
         loader = _make_loader(spec, path, state)
-    extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
-    identity = Identity(name, source, sha, loader is None, size, extractor.activation, package)
+    with _without_open_clip_random_notice():
+        extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
+    identity = Identity(name, source, sha, loader is None, size, extractor.activation, package,
+                        preprocess=f"PIL {spec.interpolation} resize of the RGB image to {size}×{size}",
+                        pos_embed_resize=_pos_embed_resize(spec, size, loader is None),
+                        precision="float32")
     return extractor, identity
+
+
+def _pos_embed_resize(spec: bb.BackboneSpec, size: int, random_init: bool) -> str:
+    if spec.family == "efficientnet_lite":
+        return "n/a (CNN)"
+    if size == spec.native_size:
+        return "none (native size)"
+    if random_init:
+        return "none (random weights built at this size)"
+    if spec.family == "open_clip":
+        return "bicubic, align_corners=False, no antialias (authors)"
+    return "timm checkpoint filter (bicubic, antialiased)"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The backbone's precision: ``auto`` is the authors' float16 autocast on CUDA, else float32."""
+    if precision not in ("auto", "float32", "float16_autocast"):
+        raise ValueError(f"backbone precision must be auto, float32 or float16_autocast, got {precision!r}")
+    return "float16_autocast" if device.type == "cuda" and precision != "float32" else "float32"
 
 
 def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[torch.nn.Module], None]:
@@ -196,9 +251,10 @@ def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[tor
         if spec.family == "efficientnet_lite":
             bb.load_efficientnet_state(model, state)
         elif spec.family == "open_clip":
-            import open_clip
-
-            open_clip.load_checkpoint(model, path, weights_only=True)
+            try:
+                bb.load_open_clip_state(model, state)
+            except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
+                raise WeightsUnavailableError(f"{path}: not an open_clip {spec.arch} checkpoint ({str(exc)[:300]})") from None
         else:  # timm ViT (DINO, DINOv2): timm's own filter adapts position embeddings to the size
             from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -319,6 +375,8 @@ class ModelRuntime:
     ) -> Embedded:
         """Stage taps and class tokens for decoded RGB images, in batches."""
         extractor, identity = self.extractor(settings)
+        precision = resolve_precision(settings.precision, self.torch_device)
+        identity = replace(identity, precision=precision)
         spec, size = extractor.spec, extractor.image_size
         taps: list[list[np.ndarray]] = [[] for _ in spec.taps]
         tokens: list[np.ndarray] = []
@@ -333,7 +391,8 @@ class ModelRuntime:
             if not self.batch_size and self.torch_device.type == "cuda" and done == 0:
                 torch.cuda.reset_peak_memory_stats(self.torch_device)
                 before = torch.cuda.memory_allocated(self.torch_device)
-            out = extractor(x)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=precision == "float16_autocast"):
+                out = extractor(x)
             for store, t in zip(taps, out.taps):
                 store.append(t.float().cpu().numpy())
             tokens.append(out.embedding.cpu().numpy())
