@@ -53,3 +53,7 @@ def test_a_backbone_the_authors_never_ran_has_no_authors_value():
     table = _table([row])
     assert table["image resize"]["authors"] == "—" and not table["image resize"]["differs"]
     assert table["mask rule"]["authors"] == "authors_mvtec"  # the metric conventions still apply
+
+
+def test_nothing_materialized_lists_nothing():
+    assert conventions(pd.DataFrame(columns=list(PAPER_ON_CPU)), "mvtec") == []

@@ -154,7 +154,8 @@ def build_global_assets(settings: Settings) -> list:
                     figs[(r.dataset, r.category)] = {
                         k: os.path.relpath(folder / v, out_dir) for k, v in json.loads(listing.read_text()).items()
                     }
-            random_init = bool(df["random_init"].any()) if df is not None else settings.profiles[p].backbone.weights == "random"
+            backbone = settings.profiles[p].backbone
+            random_init = bool(df["random_init"].any()) if df is not None else backbone.weights == "random"
             runs.append(render.RunData(
                 profile=p, description=settings.profiles[p].description, metrics=df,
                 facts=run_facts(p, settings.profiles[p], df if df is not None else pd.DataFrame()),

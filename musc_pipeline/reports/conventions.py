@@ -62,6 +62,8 @@ def conventions(rows: pd.DataFrame, layout: str) -> list[dict[str, object]]:
     """One entry per convention: label, ours (distinct values over the rows), authors', differs.
 
     No rows (nothing materialized yet): no entries."""
+    if rows.empty:
+        return []
     out = []
     records = rows.to_dict("records")
     for label, column in _COLUMNS.items():

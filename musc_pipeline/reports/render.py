@@ -53,7 +53,9 @@ FIGURE_KINDS: tuple[tuple[str, str], ...] = (
 class RunData:
     profile: str  # e.g. "musc", "random_vit"
     description: str
-    metrics: pd.DataFrame | None  # one row per materialized category: dataset, category, METRICS (fractions or NaN), n_images, n_anomalous, notes; None: none yet
+    # one row per materialized category: dataset, category, METRICS (fractions or NaN), n_images,
+    # n_anomalous, notes; None (or no rows): no category materialized yet
+    metrics: pd.DataFrame | None
     facts: dict[str, str]  # run facts: backbone, weights sha256, image size, timings, versions, date, …
     random_init: bool  # True -> a loud banner on every page of this run and on its section of the index
     # (dataset, category) -> kind -> relpath, for the categories whose category_figures exist

@@ -248,7 +248,8 @@ def _entries_mvtec_3d(root: Path, category: str, skipped: list[Path]) -> list[di
     for d in subdirs:
         rgb, gt = d / "rgb", d / "gt"
         if not rgb.is_dir():
-            raise DatasetError(f"{d}: defect-type folder has no rgb/ folder (layout mvtec_3d: test/<defect>/rgb/<nnn>.png)")
+            raise DatasetError(f"{d}: defect-type folder has no rgb/ folder "
+                               "(layout mvtec_3d: test/<defect>/rgb/<nnn>.png)")
         parts, stray = _listing(d, skipped, folders=True)
         if stray:
             raise DatasetError(f"{stray[0]}: image lies directly in {d}; layout mvtec_3d reads {rgb}/<nnn>.png")
