@@ -150,7 +150,7 @@ def markdown(df: pd.DataFrame) -> str:
         singles = [variant_name("snamd", "rscin", "max"), variant_name("lnamd", "rscon", "max"),
                    variant_name("lnamd", "none", "max"), variant_name("lnamd", "rscin", "topk_mean")]
         shown = list(dict.fromkeys([paper, *singles, best]))
-        lines += ["", f"Per category: image AUROC / F1-max / AP, pixel AUROC / PRO (×100)", "",
+        lines += ["", "Per category: image AUROC / F1-max / AP, pixel AUROC / PRO (×100)", "",
                   "| category | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
         for cat, cpart in part.groupby("category"):
             cells = []
