@@ -179,7 +179,12 @@ def test_figures_and_html_report_assets(tmp_path, mini_root):
     settings = small_settings(tmp_path, mini_root)
     defs = build_definitions(settings)
     instance = DagsterInstance.ephemeral()
-    assert _materialize(defs, PER_CATEGORY + ["category_figures"], instance).success
+    result = _materialize(defs, PER_CATEGORY + ["category_figures"], instance)
+    assert result.success
+    meta = {ev.asset_key.path[-1]: ev.materialization.metadata for ev in result.get_asset_materialization_events()}
+    assert meta["category_figures"]["figure: qualitative"].value.startswith("![")  # the figure itself, in the UI
+    assert "data:image/png;base64," in meta["anomaly_maps"]["preview (highest-scoring image)"].value
+    assert meta["rscin_scores"]["dagster/row_count"].value == 10
     job = defs.resolve_implicit_global_asset_job_def()
     keys = [AssetKey(["musc", "metrics_table"]), AssetKey(["html_report"])]
     assert job.execute_in_process(instance=instance, asset_selection=keys).success

@@ -102,7 +102,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         }
         made = {k: v for k, v in made.items() if v}
         (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
-        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(v)) for k, v in made.items()}
+        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(out_dir / v)) for k, v in made.items()}
         return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]
