@@ -63,9 +63,9 @@ NAMED_INTERVALS: dict[str, Interval] = {
     "mean": (0.0, 1.0),
     "paper": PAPER_INTERVAL,
 }
-# Bounds the similarity blocks (per_degree: one block pair; box_filter: one per worker thread,
-# each at most _BOX_BLOCK_BYTES). 32 MB measured fastest for both on the 2-core CPU
-# (benchmarks/msm.py); GPUs want larger blocks.
+# Bounds the similarity blocks: per_degree holds one block pair (32 MB measured fastest for it
+# on the 2-core CPU, benchmarks/msm.py; GPUs want larger blocks); box_filter one per worker
+# thread, each at most _BOX_BLOCK_BYTES (cache), so 16 MB each with 2 threads.
 DEFAULT_MEMORY_BUDGET = 32 * 2**20
 DEFAULT_RESULT_BUDGET = 2 * 2**30
 
@@ -167,12 +167,6 @@ def max_similarities(
     k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
     pairs = [(qi, kj) for qi in range(len(q_blocks)) for kj in range(len(k_blocks)) if not symmetric or kj >= qi]
 
-    def blocks(q_feats: torch.Tensor, k_feats: torch.Tensor):
-        # (bi·P)×C @ C×(bj·P) -> G: bi×P×bj×P as a (bi·P)×(bj·P) matrix, in `dtype`
-        for qi, kj in pairs:
-            (i0, i1), (j0, j1) = q_blocks[qi], k_blocks[kj]
-            yield i0, i1, j0, j1, q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T
-
     if strategy == "box_filter":
         flat = lambda maps_: maps_.reshape(len(maps_), p, c).to(dtype)  # noqa: E731
         q_feats = flat(queries)
@@ -196,8 +190,10 @@ def max_similarities(
         for ri, r in enumerate(degrees):  # one degree's features at a time (memory)
             q_feats = unit(queries, r)
             k_feats = q_feats if symmetric else unit(key_maps, r)
-            for done, (i0, i1, j0, j1, sim) in enumerate(blocks(q_feats, k_feats), 1):
-                sim = sim.view(i1 - i0, p, j1 - j0, p)
+            for done, (qi, kj) in enumerate(pairs, 1):
+                (i0, i1), (j0, j1) = q_blocks[qi], k_blocks[kj]
+                # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
+                sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
                 out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
                 if symmetric and j0 != i0:
                     out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
@@ -240,7 +236,9 @@ def _inverse_window_norms(maps_: torch.Tensor, degrees: Sequence[int]) -> torch.
 # Zero padding is counted like avg_pool's count_include_pad: off-grid neighbours add nothing.
 # Sums are float32 over at most r per axis (the error of avg_pool2d), maxima are exact.
 
-_BOX_BLOCK_BYTES = 16 * 2**20  # G of one worker's block pair: stays in L3 from product to kernel
+# G of one worker's block pair, 10 images of ViT-B/16: stays in L3 from the product to the kernel
+# (the 2-core CPU: 8 MB, 7 images, was 25 % slower: MKL multiplies 1372-wide blocks badly).
+_BOX_BLOCK_BYTES = 16 * 2**20
 
 _KERNEL_SOURCE = r"""
 #include <string.h>
@@ -333,7 +331,7 @@ static inline void pair(const float *restrict x, long ldx, int h, int w, const i
     if (cols) for (int n = 0; n < P; n++) cols[n * cs] = colmax[n] * ik[n];
 }
 
-/* The pairs (pi[e], pj[e]) of a block G (bi query images × bj key images, P rows/columns each,
+/* Every image pair (i, j) of a block G (bi query images × bj key images, P rows/columns each,
    row stride ldg), every half-width ks[q]. iq + q·iqs + i·P: inverse norms of query image i,
    likewise ik; rows[q, i, m, j] and cols[q, j, n, i] by the given strides (cols may be 0).
    work: 2·P·P + (2·kmax + 4)·P + 2·kmax·w floats. */
@@ -341,7 +339,7 @@ void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks
                    const float *iq, long iqs, const float *ik, long iks,
                    float *rows, long r_q, long r_i, long r_m, long r_j,
                    float *cols, long c_q, long c_j, long c_n, long c_i,
-                   const int *pi, const int *pj, int npairs, float *work)
+                   int bi, int bj, float *work)
 {
     const int P = h * w;
     int kmax = 0;
@@ -353,8 +351,8 @@ void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks
     memset(t + P, 0, sizeof(float) * kmax * w);
     for (int d = -kmax; d <= kmax; d++)
         for (int n = 0; n < P; n++) { int e = n % w + d; mask[(d + kmax) * P + n] = e >= 0 && e < w; }
-    for (int e = 0; e < npairs; e++) {
-        const int i = pi[e], j = pj[e];
+    for (int i = 0; i < bi; i++)
+    for (int j = 0; j < bj; j++) {
         const float *x = g + (long)i * P * ldg + (long)j * P;
         for (int q = 0; q < nk; q++) {
             const float *qi = iq + q * iqs + (long)i * P, *kj = ik + q * iks + (long)j * P;
@@ -396,7 +394,7 @@ def _kernel() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
         ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_void_p, *[ctypes.c_long] * 4,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
     ]
     return dll
 
@@ -415,13 +413,12 @@ class _BoxKernel:
         self.work_size = 2 * p * p + (2 * kmax + 4) * p + 2 * kmax * self.w
 
     def __call__(self, q_feats: torch.Tensor, k_feats: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+        if self.symmetric and i0 == j0:  # a diagonal block: each image against the later ones only
+            for i in range(i0, i1 - 1):
+                self(q_feats, k_feats, i, i + 1, i + 1, i1)
+            return
         # (bi·P)×C @ C×(bj·P) -> G: (bi·P)×(bj·P) float32, image pair (i, j) at rows i·P, columns j·P
         g = (q_feats[i0:i1].flatten(0, 1) @ k_feats[j0:j1].flatten(0, 1).T).float()
-        diagonal = self.symmetric and i0 == j0  # each unordered pair once, no self-pairs
-        pairs = [(i, j) for i in range(i1 - i0) for j in range(j1 - j0) if not diagonal or j > i]
-        if not pairs:
-            return
-        pi, pj = (torch.tensor(v, dtype=torch.int32) for v in zip(*pairs))
         out, work = self.out, torch.empty(self.work_size)
         s_q, s_i, s_m, s_j = out.stride()
         self.lib.msm_box_pairs(
@@ -429,7 +426,7 @@ class _BoxKernel:
             self.q_inv[:, i0:].data_ptr(), self.q_inv.stride(0), self.k_inv[:, j0:].data_ptr(), self.k_inv.stride(0),
             out[:, i0:, :, j0:].data_ptr(), s_q, s_i, s_m, s_j,  # rows[q, i, m, j]
             out[:, j0:, :, i0:].data_ptr() if self.symmetric else None, s_q, s_i, s_m, s_j,  # cols[q, j, n, i]
-            pi.data_ptr(), pj.data_ptr(), len(pairs), work.data_ptr(),
+            i1 - i0, j1 - j0, work.data_ptr(),
         )
 
 
