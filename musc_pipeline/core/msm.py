@@ -175,13 +175,16 @@ def max_similarities(
                             None if symmetric else _inverse_window_norms(key_maps, degrees), out)
         # One worker per thread, each multiplying (single-threaded) and filtering whole block
         # pairs: no synchronisation between the product and the kernel, blocks stay in cache.
-        with concurrent.futures.ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
-                                                   initargs=(1,)) as pool:
-            jobs = [pool.submit(kernel, q_feats, k_feats, *q_blocks[qi], *k_blocks[kj]) for qi, kj in pairs]
-            for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
-                job.result()
-                if progress is not None:
-                    progress(done, len(pairs))
+        threads = torch.get_num_threads()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                jobs = [pool.submit(kernel, q_feats, k_feats, *q_blocks[qi], *k_blocks[kj]) for qi, kj in pairs]
+                for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
+                    job.result()
+                    if progress is not None:
+                        progress(done, len(pairs))
+        finally:
+            torch.set_num_threads(threads)  # the workers' setting is also the default of later threads
     else:
         def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
             # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
@@ -413,9 +416,12 @@ class _BoxKernel:
         self.work_size = 2 * p * p + (2 * kmax + 4) * p + 2 * kmax * self.w
 
     def __call__(self, q_feats: torch.Tensor, k_feats: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
-        if self.symmetric and i0 == j0:  # a diagonal block: each image against the later ones only
-            for i in range(i0, i1 - 1):
-                self(q_feats, k_feats, i, i + 1, i + 1, i1)
+        if self.symmetric and i0 == j0:  # a diagonal block: its upper half as halves, no self-pairs
+            if i1 - i0 > 1:
+                mid = (i0 + i1) // 2
+                self(q_feats, k_feats, i0, mid, mid, i1)
+                self(q_feats, k_feats, i0, mid, i0, mid)
+                self(q_feats, k_feats, mid, i1, mid, i1)
             return
         # (bi·P)×C @ C×(bj·P) -> G: (bi·P)×(bj·P) float32, image pair (i, j) at rows i·P, columns j·P
         g = (q_feats[i0:i1].flatten(0, 1) @ k_feats[j0:j1].flatten(0, 1).T).float()
