@@ -13,7 +13,7 @@ from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
 from musc_pipeline.assets.metadata import map_preview_png, progress_logger, table_metadata, timing_metadata
 from musc_pipeline.core import lnamd, maps, msm, rscin, subsets
 from musc_pipeline.resources.backbone import ModelResource
-from musc_pipeline.core.preprocess import mask_array
+from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
 from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask
 from musc_pipeline.resources.model import measure
 from musc_pipeline.resources.storage import ArrayBundle
@@ -94,7 +94,9 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
         top = int(torch.argmax(image))
-        preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), p.method.mask_rule)
+        _, cfg, _ = p.where(context)  # "auto" names no rule until resolved for the layout
+        preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]),
+                           resolve_mask_rule(p.method.mask_rule, cfg.layout))
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
                                         "preview (highest-scoring image)": MetadataValue.md(preview)})
 
