@@ -3,7 +3,6 @@ the ``ablation_results`` view, and the study pages in headless Chromium."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import duckdb
@@ -35,7 +34,8 @@ def test_reaggregated_intervals_equal_fresh_msm_runs(s):
     groups = subsets.divide(["good"] * 5 + ["bad"] * 4, s)
     sims, pool = ablation.sorted_similarities(ys, groups, (1, 3, 5))
     assert sims.shape == (9, 2, 3, 25, max(len(g) for g in groups) - 1)
-    for reduction in [*ablation.PERCENTAGES.values(), *ablation.INTERVAL_STARTS.values(), ablation.Reduction((0, 0.5))]:
+    chosen = [ablation.PERCENTAGES[k] for k in ("10%", "50%", "100%")] + [ablation.INTERVAL_STARTS["[25%, 55%]"]]
+    for reduction in chosen:
         fresh = msm.score_stages(ys, groups, (1, 3, 5), reduction.interval)
         assert torch.allclose(ablation.reaggregate(sims, pool, reduction), fresh, rtol=0, atol=TOL), reduction
 
@@ -103,14 +103,14 @@ def _stored(settings: Settings, asset: str) -> dict:
     return load_file(str(Path(settings.storage) / "musc" / asset / "mini" / "cat1.safetensors"))
 
 
-def _fresh(settings, degrees, interval, windows=(1, 2, 3)) -> dict[str, float]:
+def _fresh(settings, degrees, interval, s=1, windows=(1, 2, 3)) -> dict[str, float]:
     """A direct recomputation: MSM from the LNAMD maps, maps, RsCIN, metrics."""
     from musc_pipeline.assets.metrics import ground_truth
 
     ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
     manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
-    scores = msm.score_stages(ys, [np.arange(len(manifest))], degrees, interval)
+    scores = msm.score_stages(ys, subsets.divide(list(manifest["defect_type"]), s), degrees, interval)
     amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
     labels = manifest["label"].to_numpy(int)
     values = metrics.image_metrics(labels, rscin.rescore(c, tokens, windows).numpy()).values
@@ -124,16 +124,17 @@ def _values(df: pd.DataFrame, setting: str) -> dict[str, float]:
     return dict(zip(part["metric"], part["value"]))
 
 
-@pytest.mark.parametrize("study, setting, degrees, interval", [
-    ("percentage", "50%", (1, 3, 5), (0.0, 0.5)),
-    ("interval_start", "[10%, 40%]", (1, 3, 5), (0.1, 0.4)),
-    ("msm_variants", "(c) mean", (1, 3, 5), (0.0, 1.0)),
-    ("degrees", "{1, 5}", (1, 5), (0.0, 0.3)),
-    ("degrees", "{1, 3, 5, 7, 9}", (1, 3, 5, 7, 9), (0.0, 0.3)),
+@pytest.mark.parametrize("study, setting, degrees, interval, s", [
+    ("percentage", "50%", (1, 3, 5), (0.0, 0.5), 1),
+    ("interval_start", "[10%, 40%]", (1, 3, 5), (0.1, 0.4), 1),
+    ("msm_variants", "(c) mean", (1, 3, 5), (0.0, 1.0), 1),
+    ("degrees", "{1, 5}", (1, 5), (0.0, 0.3), 1),
+    ("degrees", "{1, 3, 5, 7, 9}", (1, 3, 5, 7, 9), (0.0, 0.3), 1),
+    ("subsets", "s = 3", (1, 3, 5), (0.0, 0.3), 3),
 ])
-def test_study_numbers_equal_a_direct_recomputation(studied, study, setting, degrees, interval):
+def test_study_numbers_equal_a_direct_recomputation(studied, study, setting, degrees, interval, s):
     settings, _ = studied
-    got, fresh = _values(_table(settings, study), setting), _fresh(settings, degrees, interval)
+    got, fresh = _values(_table(settings, study), setting), _fresh(settings, degrees, interval, s)
     for metric, value in fresh.items():
         assert abs(got[metric] - value) <= TOL, (metric, got[metric], value)
 
@@ -143,7 +144,7 @@ def test_rscin_studies_equal_a_direct_rescoring(studied):
     scores = pd.read_parquet(Path(settings.storage) / "musc" / "rscin_scores" / "mini" / "cat1.parquet")
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
     labels = scores["label"].to_numpy(int)
-    c = torch.from_numpy(scores["score_msm"].to_numpy())
+    c = torch.from_numpy(scores["score_msm"].to_numpy(copy=True))
     table = _table(settings, "rscin")
     for setting, windows in [("single window {2}", (2,)), ("full window (k = N)", (len(c),)),
                              ("multi-window {1, 2, 3} (default)", (1, 2, 3))]:
@@ -170,11 +171,16 @@ def test_ablation_results_view_and_metadata(studied):
         got = dict(con.execute("SELECT study, count(DISTINCT setting) FROM ablation_results GROUP BY study").fetchall())
     finally:
         con.close()
-    assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4}
+    assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4,
+                   "subsets": 3}
     materializations = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
     recomputed = {m.asset_key.path[-1]: m.metadata.get("recomputed") for m in materializations}
     assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value
     assert recomputed["study_percentage"].value.startswith("nothing")
+    subsets_table = _table(settings, "subsets")
+    timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
+    assert len(timing) == 6 and (timing["value"] > 0).all()
+    assert _values(subsets_table, "s = 3")["subset_max"] == 4  # 8 images: 4, 2, 2 (types dealt in runs of 3)
 
 
 def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):

@@ -8,6 +8,7 @@
     study_interval_start  <- msm_similarities                        Tab. 10
     study_rscin           <- rscin_scores (the MSM image scores)     Tab. 5 RsCIN, Fig. 8 windows
     study_rscin_plugin    <- rscin_scores + imported Parquet scores  Tab. 11
+    study_subsets         <- lnamd_features (MSM re-run per s)       Tab. 7   (study_runs.py)
 
 Every study writes one long table (profile, study, setting, setting_order, dataset, category,
 metric, value); the catalog's ``ablation_results`` view unites them. Each study's metadata says
@@ -38,44 +39,23 @@ from dagster import (
 )
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
-from musc_pipeline.assets.metadata import md_table, table_metadata, timing_metadata
-from musc_pipeline.assets.metrics import ground_truth
-from musc_pipeline.core import ablation, msm, rscin, subsets
-from musc_pipeline.core.preprocess import resolve_mask_rule
+from musc_pipeline.assets.metadata import timing_metadata
+from musc_pipeline.assets.study_runs import subsets_study_asset
+from musc_pipeline.assets.study_common import CategoryTruth, stage_maps, study_args, study_output, subset_groups
+from musc_pipeline.core import ablation, msm
 from musc_pipeline.reports import studies as study_report
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.model import measure
 from musc_pipeline.resources.storage import ArrayBundle
-from musc_pipeline.settings import Settings, fingerprint
+from musc_pipeline.settings import Settings
 
-STUDY_REVISION = 1
-STUDIES = ("degrees", "msm_variants", "percentage", "interval_start", "rscin", "rscin_plugin")
-
-
-def study_group(profile: str) -> str:
-    return f"{profile}_studies"
-
-
-def _args(p: ProfileContext, stage: str, *extra) -> dict:
-    """``@asset`` arguments of a study asset: the profile's partitions, its own group, a code
-    version from the upstream stage's and the study settings."""
-    return dict(key_prefix=[p.name], group_name=study_group(p.name), partitions_def=p.partitions,
-                code_version=fingerprint(STUDY_REVISION, p.versions[stage], p.settings.studies, json.dumps(extra)))
-
-
-def _stage_maps(lnamd_maps: ArrayBundle) -> list[torch.Tensor]:
-    return [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
-
-
-def _groups(p: ProfileContext, manifest: pd.DataFrame) -> list[np.ndarray]:
-    m = p.method
-    return subsets.divide(list(manifest["defect_type"].astype(str)), m.subsets, m.subset_seed, m.subset_dealing)
+STUDIES = ("degrees", "msm_variants", "percentage", "interval_start", "rscin", "rscin_plugin", "subsets")
 
 
 def msm_similarities_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="msm_similarities", io_manager_key="arrays", pool=MODEL_POOL, kinds={"pytorch", "safetensors"},
            ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "manifest": AssetIn(p.key("image_manifest"))},
-           **_args(p, "msm"))
+           **study_args(p, "msm"))
     def msm_similarities(context: AssetExecutionContext, model: ModelResource, lnamd_maps: ArrayBundle,
                          manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """Study input: S_{l,r}(i, m), each image's per-pair maxima sorted descending
@@ -88,7 +68,7 @@ def msm_similarities_asset(p: ProfileContext) -> AssetsDefinition:
                           f"method.mode is {p.method.mode!r}")
         with measure(model.torch_device) as measured:
             sims, pool = ablation.sorted_similarities(
-                _stage_maps(lnamd_maps), _groups(p, manifest), p.method.degrees, device=model.torch_device,
+                stage_maps(lnamd_maps), subset_groups(p, manifest), p.method.degrees, device=model.torch_device,
                 memory_budget=model.msm_memory_budget, dtype=model.msm_dtype)
         timing = measured.per_image(len(pool))
         bundle = ArrayBundle({"similarities": sims.numpy(), "pool": pool.numpy()}, {
@@ -105,14 +85,14 @@ def msm_extra_degrees_asset(p: ProfileContext) -> AssetsDefinition:
 
     @asset(name="msm_scores_extra_degrees", io_manager_key="arrays", pool=MODEL_POOL, kinds={"pytorch", "safetensors"},
            ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "manifest": AssetIn(p.key("image_manifest"))},
-           **_args(p, "msm", list(extra)))
+           **study_args(p, "msm", list(extra)))
     def msm_scores_extra_degrees(context: AssetExecutionContext, model: ModelResource, lnamd_maps: ArrayBundle,
                                  manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """Study input: s_{l,r}(i, m) for the extra degrees only (``studies.extra_degrees``,
         Tab. 9), N×L×R'×P, with the profile's interval and subsets."""
         p.ensure_usable()
         with measure(model.torch_device) as measured:
-            out = msm.score_stages(_stage_maps(lnamd_maps), _groups(p, manifest), extra, p.method.interval,
+            out = msm.score_stages(stage_maps(lnamd_maps), subset_groups(p, manifest), extra, p.method.interval,
                                    device=model.torch_device, memory_budget=model.msm_memory_budget,
                                    result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype)
         timing = measured.per_image(len(out))
@@ -122,55 +102,24 @@ def msm_extra_degrees_asset(p: ProfileContext) -> AssetsDefinition:
     return msm_scores_extra_degrees
 
 
-class _Category:
-    """What every study of one partition needs: labels, masks, class tokens, size, windows."""
-
-    def __init__(self, p: ProfileContext, context: AssetExecutionContext, manifest: pd.DataFrame,
-                 features: ArrayBundle):
-        self.dataset, cfg, self.category = p.where(context)
-        self.size = int(json.loads(features.meta["identity"])["image_size"])
-        labels = manifest["label"]
-        self.labels = None if labels.isna().any() else labels.to_numpy(int)
-        self.masks = ground_truth(manifest, self.size, resolve_mask_rule(p.method.mask_rule, cfg.layout))
-        self.tokens = torch.from_numpy(features.arrays["class_tokens"])
-        self.windows = tuple(p.method.rscin_windows or rscin.windows_for(self.dataset))
-
-    def evaluate(self, p: ProfileContext, scores: torch.Tensor, grid: tuple[int, int]) -> dict[str, float]:
-        return ablation.evaluate(scores, grid, self.size, self.tokens, self.windows, self.labels, self.masks,
-                                 p.method.rscin_precision, p.method.smoothing_sigma)
-
-
-def _study_output(p: ProfileContext, study: str, where: _Category, results: dict[str, dict[str, float]],
-                  recomputed: str) -> Output[pd.DataFrame]:
-    """The long table of one study and partition, with a wide Markdown table in the metadata."""
-    rows = [{"profile": p.name, "study": study, "setting": setting, "setting_order": order,
-             "dataset": where.dataset, "category": where.category, "metric": metric, "value": float(value)}
-            for order, (setting, values) in enumerate(results.items()) for metric, value in values.items()]
-    df = pd.DataFrame(rows)
-    wide = df.pivot_table(index=["setting_order", "setting"], columns="metric", values="value", dropna=False)
-    wide = wide.reset_index().drop(columns="setting_order")
-    return Output(df, metadata={"recomputed": recomputed, "settings": len(results),
-                                "results": MetadataValue.md(md_table(wide))} | table_metadata(df))
-
-
 def degrees_study_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="study_degrees", io_manager_key="tables", kinds={"parquet"},
            ins={"stored": AssetIn(p.key("msm_scores")), "extra": AssetIn(p.key("msm_scores_extra_degrees")),
                 "features": AssetIn(p.key("backbone_features")), "manifest": AssetIn(p.key("image_manifest"))},
-           **_args(p, "msm"))
+           **study_args(p, "msm"))
     def study_degrees(context: AssetExecutionContext, stored: ArrayBundle, extra: ArrayBundle,
                       features: ArrayBundle, manifest: pd.DataFrame) -> Output[pd.DataFrame]:
         """Aggregation degrees (Tab. 3, Tab. 9): A(i, m) averaged over each non-empty subset of the
         stored degrees, then the stored set plus each extra degree."""
         p.ensure_usable()
-        where = _Category(p, context, manifest, features)
+        where = CategoryTruth(p, context, manifest, features)
         stored_degrees, extra_degrees = json.loads(stored.meta["degrees"]), json.loads(extra.meta["degrees"])
         degrees = stored_degrees + extra_degrees
         scores = torch.cat([torch.from_numpy(stored.arrays["scores"]), torch.from_numpy(extra.arrays["scores"])], dim=2)
         grid = tuple(json.loads(stored.meta["grid"]))
         results = {name: where.evaluate(p, ablation.select_degrees(scores, degrees, chosen), grid)
                    for name, chosen in ablation.degree_sets(stored_degrees, extra_degrees).items()}
-        return _study_output(p, "degrees", where, results,
+        return study_output(p, "degrees", where, results,
                              f"MSM for degrees {extra_degrees} only (msm_scores_extra_degrees); "
                              f"degrees {stored_degrees} re-aggregated from msm_scores")
 
@@ -183,11 +132,11 @@ def reduction_study_asset(p: ProfileContext, study: str, settings: dict[str, abl
            ins={"sims": AssetIn(p.key("msm_similarities")), "features": AssetIn(p.key("backbone_features")),
                 "manifest": AssetIn(p.key("image_manifest"))},
            description=f"{what}: s_{{l,r}}(i, m) re-aggregated from the stored sorted similarities.",
-           **_args(p, "msm", study))
+           **study_args(p, "msm", study))
     def reduction_study(context: AssetExecutionContext, sims: ArrayBundle, features: ArrayBundle,
                         manifest: pd.DataFrame) -> Output[pd.DataFrame]:
         p.ensure_usable()
-        where = _Category(p, context, manifest, features)
+        where = CategoryTruth(p, context, manifest, features)
         s, pool = torch.from_numpy(sims.arrays["similarities"]), torch.from_numpy(sims.arrays["pool"])
         grid = tuple(json.loads(sims.meta["grid"]))
         results = {}
@@ -195,7 +144,7 @@ def reduction_study_asset(p: ProfileContext, study: str, settings: dict[str, abl
             t0 = time.perf_counter()
             scores = ablation.reaggregate(s, pool, reduction)
             results[name] = {"reaggregate_s": time.perf_counter() - t0} | where.evaluate(p, scores, grid)
-        return _study_output(p, study, where, results, "nothing: re-aggregated msm_similarities (no product)")
+        return study_output(p, study, where, results, "nothing: re-aggregated msm_similarities (no product)")
 
     return reduction_study
 
@@ -203,25 +152,25 @@ def reduction_study_asset(p: ProfileContext, study: str, settings: dict[str, abl
 def rscin_study_asset(p: ProfileContext) -> AssetsDefinition:
     @asset(name="study_rscin", io_manager_key="tables", kinds={"parquet"},
            ins={"scores": AssetIn(p.key("rscin_scores")), "features": AssetIn(p.key("backbone_features")),
-                "manifest": AssetIn(p.key("image_manifest"))}, **_args(p, "rscin"))
+                "manifest": AssetIn(p.key("image_manifest"))}, **study_args(p, "rscin"))
     def study_rscin(context: AssetExecutionContext, scores: pd.DataFrame, features: ArrayBundle,
                     manifest: pd.DataFrame) -> Output[pd.DataFrame]:
         """RsCIN on/off (Tab. 5) and single / full / multi-window (Fig. 8) on the stored MSM
         image scores c_i (image metrics only: RsCIN does not touch the maps)."""
         p.ensure_usable()
-        where = _Category(p, context, manifest, features)
+        where = CategoryTruth(p, context, manifest, features)
         c = torch.from_numpy(scores["score_msm"].to_numpy(copy=True))
         results = {}
         for name, windows in ablation.rscin_settings(where.windows).items():
             t0 = time.perf_counter()
             final = ablation.rescore(c, where.tokens, windows, p.method.rscin_precision)
             results[name] = {"rescore_s": time.perf_counter() - t0} | _image_metrics(where, final)
-        return _study_output(p, "rscin", where, results, "nothing: RsCIN re-run on rscin_scores.score_msm")
+        return study_output(p, "rscin", where, results, "nothing: RsCIN re-run on rscin_scores.score_msm")
 
     return study_rscin
 
 
-def _image_metrics(where: _Category, final: torch.Tensor) -> dict[str, float]:
+def _image_metrics(where: CategoryTruth, final: torch.Tensor) -> dict[str, float]:
     values = ablation.score_metrics(where.labels, final.numpy())
     return {k: values[k] for k in ablation.STUDY_METRICS if k.startswith("image_")}
 
@@ -247,14 +196,14 @@ def rscin_plugin_study_asset(p: ProfileContext) -> AssetsDefinition:
 
     @asset(name="study_rscin_plugin", io_manager_key="tables", kinds={"parquet"},
            ins={"scores": AssetIn(p.key("rscin_scores")), "features": AssetIn(p.key("backbone_features")),
-                "manifest": AssetIn(p.key("image_manifest"))}, **_args(p, "rscin", imported))
+                "manifest": AssetIn(p.key("image_manifest"))}, **study_args(p, "rscin", imported))
     def study_rscin_plugin(context: AssetExecutionContext, scores: pd.DataFrame, features: ArrayBundle,
                            manifest: pd.DataFrame) -> Output[pd.DataFrame]:
         """RsCIN as a plug-in (Tab. 11): any image-score column — this profile's MSM scores and every
         file of ``studies.imported_scores`` — without and with RsCIN (the profile's class tokens)."""
         p.ensure_usable()
-        where = _Category(p, context, manifest, features)
-        sources: dict[str, np.ndarray] = {f"{p.name} (MSM image score)": scores["score_msm"].to_numpy()}
+        where = CategoryTruth(p, context, manifest, features)
+        sources: dict[str, np.ndarray] = {f"{p.name} (MSM image score)": scores["score_msm"].to_numpy(copy=True)}
         for name, path in imported.items():
             values = imported_scores(path, manifest)
             if values is None:
@@ -266,7 +215,7 @@ def rscin_plugin_study_asset(p: ProfileContext) -> AssetsDefinition:
             for label, windows in (("w/o RsCIN", None), ("w RsCIN", where.windows)):
                 final = ablation.rescore(torch.from_numpy(values), where.tokens, windows, p.method.rscin_precision)
                 results[f"{name}: {label}"] = _image_metrics(where, final)
-        return _study_output(p, "rscin_plugin", where, results,
+        return study_output(p, "rscin_plugin", where, results,
                              f"nothing: RsCIN run on {len(sources)} stored or imported score column(s)")
 
     return study_rscin_plugin
@@ -277,7 +226,7 @@ STUDY_FACTORIES: tuple[Callable[[ProfileContext], AssetsDefinition], ...] = (
     lambda p: reduction_study_asset(p, "msm_variants", ablation.MSM_VARIANTS, "MSM variants (Tab. 5 a–f)"),
     lambda p: reduction_study_asset(p, "percentage", ablation.PERCENTAGES, "Selection percentage (Fig. 8)"),
     lambda p: reduction_study_asset(p, "interval_start", ablation.INTERVAL_STARTS, "Interval start (Tab. 10)"),
-    rscin_study_asset, rscin_plugin_study_asset,
+    rscin_study_asset, rscin_plugin_study_asset, subsets_study_asset,
 )
 
 

@@ -4,8 +4,9 @@ Input: the long ``ablation_results`` rows (profile, study, setting, setting_orde
 category, metric, value). Per study, per profile and dataset, one table: a row per setting in
 the study's order, a column per metric holding the mean over categories ×100 — and, where the
 paper has the number (``study_reference.csv``: MVTec AD, VisA), the paper's value and
-Δ = ours − paper under it. Timings (``*_s``) are shown in seconds, mean per category. Ordered
-sweeps get a line plot (metric vs selection percentage, vs interval start).
+Δ = ours − paper under it. Other columns (seconds ``*_s``, ms, MB, subset sizes) are shown as
+they are, mean per category. Ordered sweeps get a line plot (metric vs selection percentage,
+vs interval start, vs s — with MSM time per image against the subset size).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from musc_pipeline.core import ablation
 from musc_pipeline.reports import figures
 from musc_pipeline.reports.paths import inside, slug
 from musc_pipeline.reports.render import BANNER, CSS_NAME, _env, value_cell
@@ -24,7 +26,8 @@ from musc_pipeline.reports.render import BANNER, CSS_NAME, _env, value_cell
 REFERENCE = Path(__file__).parent / "study_reference.csv"
 LABELS = {"image_auroc": "Image AUROC (AC)", "image_f1_max": "Image F1-max", "image_ap": "Image AP",
           "pixel_auroc": "Pixel AUROC (AS)", "reaggregate_s": "re-aggregate s", "rescore_s": "maps + RsCIN s",
-          "evaluate_s": "metrics s"}
+          "evaluate_s": "metrics s", "msm_ms_per_image": "MSM ms / image", "peak_rss_mb": "peak RSS MB",
+          "peak_gpu_mb": "peak GPU MB", "subset_min": "smallest subset", "subset_max": "largest subset"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ STUDIES = (
     Study("interval_start", "MSM interval start", "Tab. 10", "kept interval of the sorted distances"),
     Study("rscin", "RsCIN on / off and windows", "Tab. 5 and Fig. 8"),
     Study("rscin_plugin", "RsCIN as a plug-in", "Tab. 11"),
+    Study("subsets", "Subsets: time, memory, metrics", "Tab. 7", "number of subsets s"),
 )
 
 
@@ -60,7 +64,7 @@ def _tables(rows: pd.DataFrame, ref: pd.DataFrame) -> list[dict]:
     out = []
     for (profile, dataset), part in rows.groupby(["profile", "dataset"], sort=True):
         metrics = list(dict.fromkeys(part["metric"]))
-        metrics = [m for m in metrics if not m.endswith("_s")] + [m for m in metrics if m.endswith("_s")]
+        metrics = [m for m in metrics if m in ablation.STUDY_METRICS] + [m for m in metrics if m not in ablation.STUDY_METRICS]
         categories = sorted(part["category"].unique())
         means = part.groupby(["setting_order", "setting", "metric"], sort=True)["value"].mean()
         counts = part.dropna(subset=["value"]).groupby(["setting", "metric"])["category"].nunique()
@@ -71,9 +75,9 @@ def _tables(rows: pd.DataFrame, ref: pd.DataFrame) -> list[dict]:
             cells = []
             for m in metrics:
                 v = means.get((order, setting, m), math.nan)
-                if m.endswith("_s"):
-                    cells.append({"text": "n/a" if math.isnan(v) else f"{v:.2f}", "na": math.isnan(v),
-                                  "title": "", "seconds": True})
+                if m not in ablation.STUDY_METRICS:  # seconds, ms, MB, image counts: as they are
+                    text = "n/a" if math.isnan(v) else f"{v:.2f}" if m.endswith("_s") else f"{v:.0f}"
+                    cells.append({"text": text, "na": math.isnan(v), "title": "", "raw": True})
                     continue
                 n = int(counts.get((setting, m), 0))
                 note = "" if n == len(categories) else f"mean over {n} of {len(categories)} categories"
@@ -86,24 +90,39 @@ def _tables(rows: pd.DataFrame, ref: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _means(rows: pd.DataFrame, metric: str) -> pd.Series:
+    return rows[rows["metric"] == metric].groupby(["setting_order", "setting"], sort=True)["value"].mean()
+
+
 def _plot(out_dir: Path, study: Study, rows: pd.DataFrame) -> str | None:
-    """Image and pixel AUROC (×100) against the ordered settings, one line per profile × dataset."""
+    """Image and pixel AUROC (×100) against the ordered settings, one line per profile × dataset;
+    where the study timed MSM, a third panel: MSM ms per image against the (mean) subset size."""
     if study.plot_x is None or rows.empty:
         return None
-    fig = figures._new_figure(7.0, 3.2)
-    axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("image_auroc", "pixel_auroc")):
-        part = rows[rows["metric"] == metric]
-        for (profile, dataset), line in part.groupby(["profile", "dataset"], sort=True):
-            mean = line.groupby(["setting_order", "setting"], sort=True)["value"].mean()
-            ax.plot(np.arange(len(mean)), 100 * mean.to_numpy(), marker="o", label=f"{profile} · {dataset}")
+    timed = "msm_ms_per_image" in set(rows["metric"])
+    fig = figures._new_figure(10.5 if timed else 7.0, 3.4)
+    axes = fig.subplots(1, 3 if timed else 2)
+    for (profile, dataset), part in rows.groupby(["profile", "dataset"], sort=True):
+        label = f"{profile} · {dataset}"
+        for ax, metric in zip(axes, ("image_auroc", "pixel_auroc")):
+            mean = _means(part, metric)
+            ax.plot(np.arange(len(mean)), 100 * mean.to_numpy(), marker="o", label=label)
             ax.set_xticks(np.arange(len(mean)), [s for _, s in mean.index], rotation=45, ha="right", fontsize=10)
+        if timed:
+            size = (_means(part, "subset_min") + _means(part, "subset_max")) / 2
+            axes[2].plot(size.to_numpy(), _means(part, "msm_ms_per_image").to_numpy(), marker="o", label=label)
+    for ax, metric in zip(axes, ("image_auroc", "pixel_auroc")):
         ax.set_title(LABELS[metric], fontsize=11)
         ax.set_xlabel(study.plot_x, fontsize=10)
+    if timed:
+        axes[2].set_title("MSM time vs images scored together", fontsize=11)
+        axes[2].set_xlabel("images per subset (mean)", fontsize=10)
+        axes[2].set_ylabel("ms per image", fontsize=10)
+    for ax in axes:
         ax.tick_params(labelsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean over categories (×100)", fontsize=10)
-    axes[1].legend(fontsize=10)
+    axes[-1].legend(fontsize=10)
     return figures._save(fig, out_dir, f"study_{slug(study.name)}.png")
 
 
