@@ -3,6 +3,7 @@ the ``ablation_results`` view, and the study pages in headless Chromium."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -12,7 +13,7 @@ import pytest
 import torch
 from dagster import AssetKey, DagsterInstance
 
-from conftest import make_category
+from conftest import DEMO, make_category
 from musc_pipeline.core import ablation, lnamd, maps, metrics, msm, rscin, subsets
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.reports.studies import STUDIES, page_name
@@ -73,6 +74,10 @@ def studied(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("studies")
     root = tmp / "data"
     make_category(root, "cat1", n=4)
+    train = root / "cat1" / "train" / "good"  # few-shot references: normal images not in test/
+    train.mkdir(parents=True)
+    for i in range(10, 18):
+        shutil.copy(DEMO / "PA_BDP01_TL" / "test" / "good" / f"{i:03d}.png", train / f"{i:03d}.png")
     imported = tmp / "other_method.parquet"
     paths = sorted(str(p) for p in (root / "cat1" / "test").rglob("*.png"))
     pd.DataFrame({"path": paths, "score": np.random.default_rng(0).random(len(paths))}).to_parquet(imported)
@@ -158,7 +163,7 @@ def test_rscin_studies_equal_a_direct_rescoring(studied):
         metrics.image_metrics(labels, stored).values["image_auroc"], abs=TOL)
     plugin = _table(settings, "rscin_plugin")
     imported = pd.read_parquet(settings.studies.imported_scores["other"]).set_index("path").loc[scores["path"], "score"]
-    expected = metrics.image_metrics(labels, rscin.rescore(torch.from_numpy(imported.to_numpy()), tokens, (1, 2, 3)).numpy())
+    expected = metrics.image_metrics(labels, rscin.rescore(torch.from_numpy(imported.to_numpy(copy=True)), tokens, (1, 2, 3)).numpy())
     assert _values(plugin, "other: w RsCIN")["image_auroc"] == pytest.approx(expected.values["image_auroc"], abs=TOL)
     assert set(plugin["setting"]) == {"musc (MSM image score): w/o RsCIN", "musc (MSM image score): w RsCIN",
                                       "other: w/o RsCIN", "other: w RsCIN"}
@@ -172,7 +177,7 @@ def test_ablation_results_view_and_metadata(studied):
     finally:
         con.close()
     assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4,
-                   "subsets": 3}
+                   "subsets": 3, "fewshot": 9}
     materializations = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
     recomputed = {m.asset_key.path[-1]: m.metadata.get("recomputed") for m in materializations}
     assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value
@@ -196,3 +201,27 @@ def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):
             assert png.is_file() and png.stat().st_size > 5_000 and f'src="{png.name}"' in dom
     dom = dump_dom(tmp_path, reports / page_name("msm_variants"))
     assert "(f) 30% + mean" in dom and "The paper has no numbers" in dom  # mini is not a paper dataset
+
+
+@pytest.mark.parametrize("setting, mode, k", [("MuSc k = 2", "few_shot", 2), ("MuSc+ k = 4", "musc_plus", 4)])
+def test_fewshot_equals_a_direct_run_with_the_same_references(studied, setting, mode, k):
+    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.study_runs import reference_images
+    from musc_pipeline.resources.backbone import ModelResource
+    from musc_pipeline.resources.datasets import read_image
+
+    settings, _ = studied
+    refs = reference_images(settings.datasets["mini"].root, "cat1", 42, 8)[:k]
+    assert len(refs) == k and all("train" in str(f) for f in refs)
+    emb = ModelResource().embed(settings.profiles["musc"].backbone, (read_image(f) for f in refs), k)
+    ref_maps = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
+    ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
+    manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
+    scores = msm.score_stages(ys, [np.arange(len(manifest))], (1, 3, 5), references=ref_maps, mode=mode)
+    amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
+    tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
+    expected = metrics.image_metrics(manifest["label"].to_numpy(int), rscin.rescore(c, tokens, (1, 2, 3)).numpy()).values
+    expected["pixel_auroc"] = metrics.pixel_metrics(ground_truth(manifest, 224, "authors_mvtec"), amaps.numpy()).values["pixel_auroc"]
+    got = _values(_table(settings, "fewshot"), setting)
+    for metric, value in expected.items():
+        assert abs(got[metric] - value) <= TOL, (metric, got[metric], value)

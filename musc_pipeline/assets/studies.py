@@ -9,6 +9,7 @@
     study_rscin           <- rscin_scores (the MSM image scores)     Tab. 5 RsCIN, Fig. 8 windows
     study_rscin_plugin    <- rscin_scores + imported Parquet scores  Tab. 11
     study_subsets         <- lnamd_features (MSM re-run per s)       Tab. 7   (study_runs.py)
+    study_fewshot         <- lnamd_features + train/good references  Tab. 16  (study_runs.py)
 
 Every study writes one long table (profile, study, setting, setting_order, dataset, category,
 metric, value); the catalog's ``ablation_results`` view unites them. Each study's metadata says
@@ -40,7 +41,7 @@ from dagster import (
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
 from musc_pipeline.assets.metadata import timing_metadata
-from musc_pipeline.assets.study_runs import subsets_study_asset
+from musc_pipeline.assets.study_runs import fewshot_study_asset, subsets_study_asset
 from musc_pipeline.assets.study_common import CategoryTruth, stage_maps, study_args, study_output, subset_groups
 from musc_pipeline.core import ablation, msm
 from musc_pipeline.reports import studies as study_report
@@ -49,7 +50,7 @@ from musc_pipeline.resources.model import measure
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import Settings
 
-STUDIES = ("degrees", "msm_variants", "percentage", "interval_start", "rscin", "rscin_plugin", "subsets")
+STUDIES = ("degrees", "msm_variants", "percentage", "interval_start", "rscin", "rscin_plugin", "subsets", "fewshot")
 
 
 def msm_similarities_asset(p: ProfileContext) -> AssetsDefinition:
@@ -226,7 +227,7 @@ STUDY_FACTORIES: tuple[Callable[[ProfileContext], AssetsDefinition], ...] = (
     lambda p: reduction_study_asset(p, "msm_variants", ablation.MSM_VARIANTS, "MSM variants (Tab. 5 a–f)"),
     lambda p: reduction_study_asset(p, "percentage", ablation.PERCENTAGES, "Selection percentage (Fig. 8)"),
     lambda p: reduction_study_asset(p, "interval_start", ablation.INTERVAL_STARTS, "Interval start (Tab. 10)"),
-    rscin_study_asset, rscin_plugin_study_asset, subsets_study_asset,
+    rscin_study_asset, rscin_plugin_study_asset, subsets_study_asset, fewshot_study_asset,
 )
 
 

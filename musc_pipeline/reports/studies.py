@@ -46,6 +46,7 @@ STUDIES = (
     Study("rscin", "RsCIN on / off and windows", "Tab. 5 and Fig. 8"),
     Study("rscin_plugin", "RsCIN as a plug-in", "Tab. 11"),
     Study("subsets", "Subsets: time, memory, metrics", "Tab. 7", "number of subsets s"),
+    Study("fewshot", "Few-shot MuSc and MuSc+", "Tab. 16"),
 )
 
 
