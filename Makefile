@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo studies test venv dev benchmark clean
+.PHONY: demo studies test venv dev benchmark evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ dev: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/msm.py
+
+# every method variant on every PIPED type, both demo backbones (tables in .musc/evaluate/)
+PIPED ?= ../shared/data/piped
+evaluate: $(STAMP)
+	nice -n 10 $(PY) benchmarks/evaluate.py --root $(PIPED)
 
 clean:
 	rm -rf .musc reports .dagster_home

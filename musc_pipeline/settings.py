@@ -66,6 +66,28 @@ class MethodSettings(_Strict):
     smoothing_sigma: float = 0.0
     mode: Literal["zero_shot", "few_shot", "musc_plus"] = "zero_shot"
     references: str | None = None  # folder of normal reference images (few_shot, musc_plus)
+    # Method variants (defaults: the paper). MuSc-V2's 2-D changes and image-score choices:
+    aggregation: Literal["lnamd", "snamd"] = "lnamd"  # snamd: similarity-weighted pooling (core/snamd.py)
+    rescoring: Literal["rscin", "rscon", "none"] = "rscin"  # rscon: anomaly-salient features (core/rscon.py)
+    rscon_windows: tuple[int, ...] = (1, 7)
+    image_score: Literal["max", "topk_mean"] = "max"  # topk_mean: mean of the top q of the map
+    image_score_q: float = Field(0.01, gt=0.0, le=1.0)
+
+    def variant(self, *names: str) -> list[str]:
+        """``name=value`` for each named variant choice that differs from the paper.
+
+        Code versions hash these, so a variant re-runs exactly the stages it changes while the
+        paper settings keep the versions (and stored results) they had before variants existed.
+        Parameters of a choice (``image_score_q``, ``rscon_windows``) count only with it.
+        """
+        paper = MethodSettings()
+        active = {"image_score_q": self.image_score == "topk_mean", "rscon_windows": self.rescoring == "rscon"}
+        return [f"{k}={getattr(self, k)}" for k in names
+                if active.get(k, True) and getattr(self, k) != getattr(paper, k)]
+
+
+#: The method-variant choices (``MethodSettings.variant``); all at their defaults = the paper.
+VARIANT_CHOICES = ("aggregation", "rescoring", "rscon_windows", "image_score", "image_score_q")
 
 
 class ProfileSettings(_Strict):

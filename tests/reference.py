@@ -64,3 +64,41 @@ def rscin(scores: np.ndarray, tokens: np.ndarray, windows) -> np.ndarray:
             keep = np.argsort(-w[i], kind="stable")[: min(k, n)]
             total[i] += sum(w[i, j] * c[j] for j in keep) / sum(w[i, j] for j in keep)
     return total / len(windows)
+
+
+def snamd(y: np.ndarray, degrees) -> np.ndarray:
+    """MuSc-V2 SWPooling. y N×h×w×C layer-normed -> Z N×h×w×C: for each r the window's
+    exp(−‖y_n − y_m‖)-weighted mean (zero features outside the map, weights counted),
+    averaged over r, L2-normalised."""
+    n, h, w, c = y.shape
+    out = np.zeros((n, h, w, c))
+    for i in range(n):
+        x = y[i].astype(np.float64)
+        for a in range(h):
+            for b in range(w):
+                acc = np.zeros(c)
+                for r in degrees:
+                    num, den = np.zeros(c), 0.0
+                    for da in range(-(r // 2), r // 2 + 1):
+                        for db in range(-(r // 2), r // 2 + 1):
+                            inside = 0 <= a + da < h and 0 <= b + db < w
+                            f = x[a + da, b + db] if inside else np.zeros(c)
+                            wgt = math.exp(-np.linalg.norm(f - x[a, b]))
+                            num += wgt * f
+                            den += wgt
+                    acc += num / den
+                v = acc / len(degrees)
+                out[i, a, b] = v / np.linalg.norm(v)
+    return out
+
+
+def salient_features(z: np.ndarray, patch_scores: np.ndarray) -> np.ndarray:
+    """RsCon's anomaly-salient features: z N×h×w×C unit stage features at argmax_m A(i, m)."""
+    n, h, w, c = z.shape
+    return np.stack([z[i].reshape(h * w, c)[int(np.argmax(patch_scores[i]))] for i in range(n)])
+
+
+def topk_mean(amap: np.ndarray, q: float) -> float:
+    """Mean of the ceil(q·#pixels) largest values of one map."""
+    v = np.sort(amap.ravel())[::-1]
+    return float(v[: max(1, math.ceil(q * v.size))].mean())

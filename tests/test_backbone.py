@@ -179,3 +179,31 @@ def test_resolve_activation(name, size, requested, want):
 def test_resolve_activation_rejects_unknown():
     with pytest.raises(ValueError, match="activation"):
         resolve_activation(get_spec("ViT-B-16"), 224, "relu")
+
+
+def test_position_embeddings_resize_like_the_authors():
+    """Bicubic, align_corners=False, no antialias; the class token's entry kept; native size untouched."""
+    from musc_pipeline.core.backbone import resize_position_embedding
+
+    pos = torch.randn(1 + 14 * 14, 8)
+    out = resize_position_embedding(pos, (16, 16))
+    assert out.shape == (1 + 16 * 16, 8) and torch.equal(out[0], pos[0])
+    grid = pos[1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    plain = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(256, 8)
+    aa = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False, antialias=True).permute(0, 2, 3, 1).reshape(256, 8)
+    assert torch.equal(out[1:], plain) and not torch.allclose(out[1:], aa, atol=1e-3)  # open_clip 3.3 antialiases
+    assert resize_position_embedding(pos, (14, 14)) is pos
+    half = resize_position_embedding(pos.half(), (16, 16))  # float16 checkpoints resize in float32
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), out, atol=1e-2)
+
+
+def test_backbone_precision_is_the_authors_autocast_on_cuda_only():
+    from musc_pipeline.resources.model import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == "float32"
+    assert resolve_precision("float16_autocast", cpu) == "float32"  # float32 remains the CPU path
+    assert resolve_precision("auto", cuda) == "float16_autocast"
+    assert resolve_precision("float32", cuda) == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("bfloat16", cuda)

@@ -126,13 +126,13 @@ def test_cli_materialize_one_partition(tmp_path, mini_root):
     )
     env = dict(os.environ, MUSC_CONFIG=str(cfg), DAGSTER_HOME=str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    dagster = Path(sys.executable).parent / "dagster"
+    dg = Path(sys.executable).parent / "dg"  # the CLI the installed Dagster recommends (README)
     proc = subprocess.run(
-        [str(dagster), "asset", "materialize", "-m", "musc_pipeline.definitions",
-         "--select", "*musc/category_metrics", "--partition", "mini/cat1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [str(dg), "launch", "--assets", "*musc/category_metrics", "--partition", "mini/cat1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "warning" not in proc.stdout, proc.stderr[-3000:]
     assert (tmp_path / "store" / "musc" / "category_metrics" / "mini" / "cat1.parquet").is_file()
     con = duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True)
     rows = con.execute("SELECT count(*) FROM rscin_scores").fetchone()[0]
@@ -179,7 +179,12 @@ def test_figures_and_html_report_assets(tmp_path, mini_root):
     settings = small_settings(tmp_path, mini_root)
     defs = build_definitions(settings)
     instance = DagsterInstance.ephemeral()
-    assert _materialize(defs, PER_CATEGORY + ["category_figures"], instance).success
+    result = _materialize(defs, PER_CATEGORY + ["category_figures"], instance)
+    assert result.success
+    meta = {ev.asset_key.path[-1]: ev.materialization.metadata for ev in result.get_asset_materialization_events()}
+    assert meta["category_figures"]["figure: qualitative"].value.startswith("![")  # the figure itself, in the UI
+    assert "data:image/png;base64," in meta["anomaly_maps"]["preview (highest-scoring image)"].value
+    assert meta["rscin_scores"]["dagster/row_count"].value == 10
     job = defs.resolve_implicit_global_asset_job_def()
     keys = [AssetKey(["musc", "metrics_table"]), AssetKey(["html_report"])]
     assert job.execute_in_process(instance=instance, asset_selection=keys).success

@@ -18,7 +18,7 @@ from musc_pipeline.resources.model import resolve_name
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
-CODE_REVISION = {"manifest": 1, "features": 3, "lnamd": 2, "msm": 2, "maps": 2, "rscin": 2, "metrics": 3}
+CODE_REVISION = {"manifest": 1, "features": 3, "lnamd": 2, "msm": 2, "maps": 2, "salient": 1, "rscin": 2, "metrics": 3}
 #: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
 MODEL_POOL = "musc_model"
 
@@ -47,9 +47,11 @@ def code_versions(profile: ProfileSettings, usable: bool = True) -> dict[str, st
         "lnamd": fingerprint(CODE_REVISION["lnamd"], backbone_fp),
         "msm": fingerprint(CODE_REVISION["msm"], backbone_fp, json.dumps([
             method.degrees, method.interval, method.subsets, method.subset_dealing, method.subset_seed, method.mode,
-            method.references])),
-        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma)),
-        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows), method.rscin_precision),
+            method.references]), *method.variant("aggregation")),
+        "maps": fingerprint(CODE_REVISION["maps"], str(method.smoothing_sigma), *method.variant("image_score", "image_score_q")),
+        "salient": fingerprint(CODE_REVISION["salient"], method.aggregation, json.dumps(method.degrees)),
+        "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows), method.rscin_precision,
+                             *method.variant("rescoring", "rscon_windows")),
         "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
     }
 

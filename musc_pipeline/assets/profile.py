@@ -2,6 +2,7 @@
 
     image_manifest -> backbone_features -> lnamd_features -> msm_scores -> anomaly_maps
                    -> rscin_scores -> category_metrics          (partitioned: dataset/category)
+    lnamd_features, msm_scores -> salient_features -> rscin_scores   (only with rescoring: rscon)
 
 Assets stay thin: read inputs, call :mod:`musc_pipeline.core`, return what they computed with
 metadata for the UI. Each stage family has its module (``features``, ``scoring``,
@@ -17,7 +18,7 @@ from dagster import AssetsDefinition, StaticPartitionsDefinition
 from musc_pipeline.assets.context import ProfileContext, code_versions, profile_problem
 from musc_pipeline.assets.features import backbone_features_asset, image_manifest_asset, lnamd_features_asset
 from musc_pipeline.assets.metrics import category_metrics_asset
-from musc_pipeline.assets.scoring import anomaly_maps_asset, msm_scores_asset, rscin_scores_asset
+from musc_pipeline.assets.scoring import anomaly_maps_asset, msm_scores_asset, rscin_scores_asset, salient_features_asset
 from musc_pipeline.assets.studies import build_study_assets
 from musc_pipeline.settings import ProfileSettings, Settings
 
@@ -35,4 +36,5 @@ def build_profile_assets(
     if problem:  # the other profiles load and run; this one's assets carry the reason and fail with it
         log.warning(problem)
     p = ProfileContext(name, profile, settings, partitions, code_versions(profile, usable=not problem), problem)
-    return [factory(p) for factory in STAGE_FACTORIES] + build_study_assets(p)
+    extra = (salient_features_asset,) if profile.method.rescoring == "rscon" else ()
+    return [factory(p) for factory in STAGE_FACTORIES + extra] + build_study_assets(p)

@@ -1,4 +1,4 @@
-"""Per-category scoring assets: msm_scores, anomaly_maps, rscin_scores."""
+"""Per-category scoring assets: msm_scores, anomaly_maps, salient_features (RsCon only), rscin_scores."""
 
 import json
 from collections.abc import Callable
@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataVa
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
 from musc_pipeline.assets.metadata import map_preview_png, progress_logger, table_metadata, timing_metadata
-from musc_pipeline.core import lnamd, maps, msm, rscin, subsets
+from musc_pipeline.core import lnamd, maps, msm, rscin, rscon, snamd, subsets
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
 from musc_pipeline.resources.datasets import DatasetError, read_image, read_mask
@@ -29,7 +29,8 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
                    manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """Mutual scores s_{l,r}(i, m) per stage l and degree r: N×L×R×P (float32).
 
-        Stored per stage and degree so ablations re-aggregate without recomputing.
+        Stored per stage and degree so ablations re-aggregate without recomputing. With
+        ``aggregation: snamd`` the degrees are pooled inside SNAMD, so R = 1.
         """
         p.ensure_usable()
         ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
@@ -42,8 +43,9 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
         def progress(label: str, done: int, total: int) -> None:  # one log line per 10 % per subset and stage
             reporters.setdefault(label, progress_logger(context, f"MSM blocks done ({label})"))(done, total)
 
+        score = snamd.score_stages if method.aggregation == "snamd" else msm.score_stages
         with measure(model.torch_device) as measured:
-            out = msm.score_stages(
+            out = score(
                 ys, groups, method.degrees, method.interval, references=refs, mode=method.mode,
                 device=model.torch_device, memory_budget=model.msm_memory_budget,
                 result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype, progress=progress,
@@ -55,7 +57,7 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
         bundle = ArrayBundle({"scores": out}, {
             "grid": json.dumps([h, w]), "degrees": json.dumps(list(method.degrees)),
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
-            "subset_dealing": method.subset_dealing,
+            "subset_dealing": method.subset_dealing, "aggregation": method.aggregation,
             "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
         })
         return Output(bundle, metadata={"shape": str(list(out.shape))} | timing_metadata(timing))
@@ -83,20 +85,20 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
            kinds={"pytorch", "safetensors"}, **p.asset_args("maps"))
     def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle,
                      manifest: pd.DataFrame) -> Output[ArrayBundle]:
-        """S×S anomaly maps (bilinear, align_corners) and image scores c_i = max of the map."""
+        """S×S anomaly maps (bilinear, align_corners) and image scores c_i (``image_score``: max or top-q mean)."""
         p.ensure_usable()
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
         with measure(torch.device("cpu")) as measured:
             amaps, image = maps.from_msm_scores(torch.from_numpy(scores.arrays["scores"]), grid,
-                                                ident["image_size"], p.method.smoothing_sigma)
+                                                ident["image_size"], p.method.smoothing_sigma,
+                                                p.method.image_score, p.method.image_score_q)
         timing = measured.per_image(len(image))
         bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
                              {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
         top = int(torch.argmax(image))
-        _, cfg, _ = p.where(context)  # "auto" names no rule until resolved for the layout
-        preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]),
-                           resolve_mask_rule(p.method.mask_rule, cfg.layout))
+        rule = resolve_mask_rule(p.method.mask_rule, p.where(context)[1].layout)
+        preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), rule)
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
                                         "preview (highest-scoring image)": MetadataValue.md(preview)})
 
@@ -112,21 +114,59 @@ def _preview(row: pd.Series, amap: np.ndarray, size: int, mask_rule: str) -> str
 
 
 
+def salient_features_asset(p: ProfileContext) -> AssetsDefinition:
+    method = p.method
+
+    @asset(name="salient_features", io_manager_key="arrays",
+           ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "scores": AssetIn(p.key("msm_scores"))},
+           kinds={"pytorch", "safetensors"}, **p.asset_args("salient"))
+    def salient_features(context: AssetExecutionContext, lnamd_maps: ArrayBundle, scores: ArrayBundle) -> Output[ArrayBundle]:
+        """RsCon's anomaly-salient features (N×C): the aggregated feature of the second-to-last
+        stage at each image's highest grid-level patch score (:mod:`musc_pipeline.core.rscon`)."""
+        p.ensure_usable()
+        stage = len([k for k in lnamd_maps.arrays if k.startswith("y")]) + rscon.SALIENT_STAGE
+        with measure(torch.device("cpu")) as measured:
+            feats = rscon.salient_features(
+                torch.from_numpy(lnamd_maps.arrays[f"y{stage}"]),
+                maps.patch_scores(torch.from_numpy(scores.arrays["scores"])), method.degrees, method.aggregation)
+        timing = measured.per_image(len(feats))
+        bundle = ArrayBundle({"salient": feats.numpy()}, {"timing": json.dumps(timing), "stage": str(stage),
+                                                          "aggregation": method.aggregation})
+        return Output(bundle, metadata={"shape": str(list(feats.shape)), "stage": stage} | timing_metadata(timing))
+
+    return salient_features
+
+
 def rscin_scores_asset(p: ProfileContext) -> AssetsDefinition:
-    @asset(name="rscin_scores", io_manager_key="tables",
-           ins={"amaps": AssetIn(p.key("anomaly_maps")), "features": AssetIn(p.key("backbone_features")),
-                "manifest": AssetIn(p.key("image_manifest"))}, kinds={"parquet"}, **p.asset_args("rscin"))
+    ins = {"amaps": AssetIn(p.key("anomaly_maps")), "features": AssetIn(p.key("backbone_features")),
+           "manifest": AssetIn(p.key("image_manifest"))}
+    if p.method.rescoring == "rscon":
+        ins["salient"] = AssetIn(p.key("salient_features"))
+
+    @asset(name="rscin_scores", io_manager_key="tables", ins=ins, kinds={"parquet"}, **p.asset_args("rscin"))
     def rscin_scores(context: AssetExecutionContext, amaps: ArrayBundle, features: ArrayBundle,
-                     manifest: pd.DataFrame) -> Output[pd.DataFrame]:
-        """Per image: the MSM image score and the RsCIN re-scored one (one table row each)."""
+                     manifest: pd.DataFrame, **rscon_in: ArrayBundle) -> Output[pd.DataFrame]:
+        """Per image: the MSM image score and the re-scored one (one table row each).
+
+        ``score_rscin`` holds the score after the profile's ``rescoring``: RsCIN over class
+        tokens (paper), RsCon over anomaly-salient features (MuSc-V2), or none (= ``score_msm``).
+        """
         p.ensure_usable()
         dataset, _, _ = p.where(context)
-        windows = p.method.rscin_windows or rscin.windows_for(dataset)
         c = torch.from_numpy(amaps.arrays["image_scores"])
-        rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows, p.method.rscin_precision)
+        if p.method.rescoring == "rscin":
+            windows = p.method.rscin_windows or rscin.windows_for(dataset)
+            rescored = rscin.rescore(c, torch.from_numpy(features.arrays["class_tokens"]), windows,
+                                     p.method.rscin_precision)
+        elif p.method.rescoring == "rscon":
+            windows = tuple(sorted({1, *p.method.rscon_windows}))
+            rescored = rscon.rescore(c, torch.from_numpy(rscon_in["salient"].arrays["salient"]), windows)
+        else:
+            windows, rescored = (), c.double()
         df = manifest[["profile", "dataset", "category", "image_id", "path", "defect_type", "label"]].copy()
         df["score_msm"] = c.double().numpy()
         df["score_rscin"] = rescored.numpy()
+        df["rescoring"] = p.method.rescoring
         df["rscin_windows"] = json.dumps(list(windows))
         df["rscin_precision"] = p.method.rscin_precision
         ident = json.loads(features.meta["identity"])

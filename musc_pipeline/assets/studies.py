@@ -41,8 +41,15 @@ from dagster import (
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
 from musc_pipeline.assets.metadata import timing_metadata
+from musc_pipeline.assets.study_common import (
+    CategoryTruth,
+    ensure_paper_method,
+    stage_maps,
+    study_args,
+    study_output,
+    subset_groups,
+)
 from musc_pipeline.assets.study_runs import fewshot_study_asset, subsets_study_asset
-from musc_pipeline.assets.study_common import CategoryTruth, stage_maps, study_args, study_output, subset_groups
 from musc_pipeline.core import ablation, msm
 from musc_pipeline.reports import studies as study_report
 from musc_pipeline.resources.backbone import ModelResource
@@ -64,6 +71,7 @@ def msm_similarities_asset(p: ProfileContext) -> AssetsDefinition:
         ``msm_scores`` (:func:`msm.max_similarities`), kept before the interval average so every
         MSM variant is a slice. float32, not float16: the studies must equal fresh runs to 1e-6."""
         p.ensure_usable()
+        ensure_paper_method(p)
         if p.method.mode != "zero_shot":
             raise Failure(description=f"profile {p.name!r}: the MSM studies re-aggregate zero-shot scores; "
                           f"method.mode is {p.method.mode!r}")
@@ -92,6 +100,7 @@ def msm_extra_degrees_asset(p: ProfileContext) -> AssetsDefinition:
         """Study input: s_{l,r}(i, m) for the extra degrees only (``studies.extra_degrees``,
         Tab. 9), N×L×R'×P, with the profile's interval and subsets."""
         p.ensure_usable()
+        ensure_paper_method(p)
         with measure(model.torch_device) as measured:
             out = msm.score_stages(stage_maps(lnamd_maps), subset_groups(p, manifest), extra, p.method.interval,
                                    device=model.torch_device, memory_budget=model.msm_memory_budget,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import torch
-from dagster import AssetExecutionContext, MetadataValue, Output
+from dagster import AssetExecutionContext, Failure, MetadataValue, Output
 
 from musc_pipeline.assets.context import ProfileContext
 from musc_pipeline.assets.metadata import md_table, table_metadata
@@ -40,11 +40,20 @@ def subset_groups(p: ProfileContext, manifest: pd.DataFrame, s: int | None = Non
     return subsets.divide(list(manifest["defect_type"].astype(str)), s or m.subsets, m.subset_seed, m.subset_dealing)
 
 
+def ensure_paper_method(p: ProfileContext) -> None:
+    """The studies ablate the paper's LNAMD, MSM and RsCIN: refuse the MuSc-V2 variants."""
+    if p.method.aggregation != "lnamd" or p.method.rescoring != "rscin":
+        raise Failure(description=(
+            f"profile {p.name!r}: the studies ablate the paper's LNAMD, MSM and RsCIN; this profile uses "
+            f"aggregation={p.method.aggregation}, rescoring={p.method.rescoring}"))
+
+
 class CategoryTruth:
     """What every study of one partition needs: labels, masks, class tokens, size, windows."""
 
     def __init__(self, p: ProfileContext, context: AssetExecutionContext, manifest: pd.DataFrame,
                  features: ArrayBundle):
+        ensure_paper_method(p)
         self.dataset, cfg, self.category = p.where(context)
         self.size = int(json.loads(features.meta["identity"])["image_size"])
         labels = manifest["label"]
@@ -54,8 +63,9 @@ class CategoryTruth:
         self.windows = tuple(p.method.rscin_windows or rscin.windows_for(self.dataset))
 
     def evaluate(self, p: ProfileContext, scores: torch.Tensor, grid: tuple[int, int]) -> dict[str, float]:
+        m = p.method
         return ablation.evaluate(scores, grid, self.size, self.tokens, self.windows, self.labels, self.masks,
-                                 p.method.rscin_precision, p.method.smoothing_sigma)
+                                 m.rscin_precision, m.smoothing_sigma, m.image_score, m.image_score_q)
 
 
 def study_output(p: ProfileContext, study: str, where: CategoryTruth, results: dict[str, dict[str, float]],

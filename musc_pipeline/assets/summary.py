@@ -29,7 +29,7 @@ from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
 from musc_pipeline.resources.datasets import read_image
 from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
-from musc_pipeline.settings import ProfileSettings, Settings
+from musc_pipeline.settings import VARIANT_CHOICES, ProfileSettings, Settings
 
 METRIC_COLUMNS = list(metrics.IMAGE_METRICS + metrics.PIXEL_METRICS)
 _ALL = {"allow_missing_partitions": True}
@@ -102,7 +102,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         }
         made = {k: v for k, v in made.items() if v}
         (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
-        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(v)) for k, v in made.items()}
+        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(out_dir / v)) for k, v in made.items()}
         return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]
@@ -163,7 +163,8 @@ def build_global_assets(settings: Settings) -> list:
             ))
         reference = render.load_reference(REFERENCE_CSV)
         configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
-        index = render.render_reports(out_dir, runs, reference, categories=configured)
+        index = render.render_reports(out_dir, runs, reference, categories=configured,
+                                      variants=variant_groups(settings))
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 
@@ -191,3 +192,11 @@ def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFr
     facts["python"] = platform.python_version()
     facts["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return facts
+
+
+def variant_groups(settings: Settings) -> dict[str, list[str]]:
+    """Each paper-method profile -> the profiles of method variants on the same backbone."""
+    profiles = settings.profiles
+    paper = [p for p, v in profiles.items() if not v.method.variant(*VARIANT_CHOICES)]
+    return {p: [q for q, v in profiles.items() if q not in paper and v.backbone == profiles[p].backbone]
+            for p in paper}

@@ -175,13 +175,14 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
 
 def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, class_tokens: torch.Tensor,
              windows: Sequence[int], labels: np.ndarray | None, masks: np.ndarray | None,
-             precision: str = "float32", smoothing_sigma: float = 0.0) -> dict[str, float]:
+             precision: str = "float32", smoothing_sigma: float = 0.0, image_score: str = "max",
+             image_score_q: float = 0.01) -> dict[str, float]:
     """The pipeline from s_{l,r}(i, m) on: maps, c_i, RsCIN, STUDY_METRICS. scores: N×L×R×P.
 
     Also returns ``rescore_s`` (maps and RsCIN) and ``evaluate_s`` (metrics), in seconds.
     """
     t0 = time.perf_counter()
-    amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma)  # N×S×S, N
+    amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma, image_score, image_score_q)  # N×S×S, N
     final = rscin.rescore(c, class_tokens, tuple(windows), precision)
     t1 = time.perf_counter()
     values = score_metrics(labels, final.numpy(), masks, amaps.numpy())

@@ -4,6 +4,13 @@ A(i, m) is the mean of s_{l,r}(i, m) over stages and degrees; reshaped to h×w i
 bilinearly (align_corners=True, as the authors) to S×S. The image score before re-scoring is
 c_i = max over the pixels of the S×S map. Gaussian smoothing is an option, off by default
 (the authors' final code applies none).
+
+Image-score variants (``method.image_score``), on the same S×S map:
+
+- ``max`` (paper): c_i = max_x M_i(x). One noisy patch decides it.
+- ``topk_mean``: c_i = mean of the ⌈q·S²⌉ largest values of M_i, q = ``image_score_q``
+  (default 1 %, the image score of AnomalyDINO, Damm et al., WACV 2025). A defect must
+  cover a few patches' worth of the map, so an isolated spike counts 1/(q·P) as much.
 """
 
 from __future__ import annotations
@@ -33,14 +40,26 @@ def anomaly_maps(
     return x[:, 0]
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """c_i = max over pixels. N×S×S -> N."""
-    return maps.flatten(1).amax(dim=1)
+IMAGE_SCORES = ("max", "topk_mean")
+
+
+def image_scores(maps: torch.Tensor, method: str = "max", q: float = 0.01) -> torch.Tensor:
+    """c_i by ``method`` (see the module doc). N×S×S -> N."""
+    flat = maps.flatten(1)
+    if method == "max":
+        return flat.amax(dim=1)
+    if method == "topk_mean":
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"image_score_q must be in (0, 1], got {q}")
+        k = max(1, math.ceil(q * flat.shape[1]))
+        return torch.topk(flat, k, dim=1, sorted=False).values.mean(dim=1)
+    raise ValueError(f"unknown image score {method!r}; use one of {IMAGE_SCORES}")
 
 
 def from_msm_scores(
-    scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0
+    scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0,
+    image_score: str = "max", q: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSM scores N×L×R×P -> (N×S×S anomaly maps, N image scores c_i): this module in one call."""
     amaps = anomaly_maps(patch_scores(scores), grid, size, smoothing_sigma)
-    return amaps, image_scores(amaps)
+    return amaps, image_scores(amaps, image_score, q)

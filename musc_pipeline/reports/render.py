@@ -1,4 +1,5 @@
-"""Static HTML report: index, one page per (run, dataset), one comparison page.
+"""Static HTML report: index, one page per (run, dataset), one comparison page, and one page
+of method variants per paper profile (every variant's Δ against it, side by side).
 
 Pure functions, no Dagster: the assets build :class:`RunData` and call
 :func:`render_reports`. Pages come from the Jinja2 templates in ``templates/`` (autoescape on,
@@ -20,9 +21,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import jinja2
-import numpy as np
 import pandas as pd
 
+from .cells import Reference, count, delta_cell, is_nan, mean_over_categories, value_cell
 from .conventions import conventions
 from .paths import escapes, inside, safe_relpath, slug
 
@@ -105,113 +106,6 @@ def _datasets(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df["dataset"]))
 
 
-# --------------------------------------------------------------------------- formatting
-
-
-def _is_nan(v: object) -> bool:
-    try:
-        return v is None or math.isnan(float(v))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return True
-
-
-def pct(v: object) -> str | None:
-    """A fraction as the paper prints it: ×100, one decimal (0.9876 → "98.8"); None for NaN."""
-    return None if _is_nan(v) else f"{100 * float(v):.1f}"  # type: ignore[arg-type]
-
-
-def signed(d: float) -> tuple[str, str]:
-    """A difference in points with its sign, and a CSS class (pos / neg / zero)."""
-    text = f"{d:+.1f}"
-    if text in ("+0.0", "-0.0"):
-        return "0.0", "zero"
-    return text, ("pos" if d > 0 else "neg")
-
-
-def _count(v: object) -> str:
-    return "" if _is_nan(v) else str(int(float(v)))  # type: ignore[arg-type]
-
-
-def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = "") -> dict:
-    """One table cell: our value (×100), and — when the paper has it — the paper's value and
-    the signed difference ours − paper, computed from the numbers as shown."""
-    text = pct(v)
-    cell = {
-        "text": text if text is not None else "n/a",
-        "na": text is None,
-        "title": (note or "not available") if text is None else "",
-        "ref": None,
-        "diff": None,
-        "diff_cls": "",
-        "ref_title": ref_note,
-    }
-    if not _is_nan(ref):
-        cell["ref"] = f"{float(ref):.1f}"  # type: ignore[arg-type]
-        if text is not None:
-            cell["diff"], cell["diff_cls"] = signed(float(text) - round(float(ref), 1))  # type: ignore[arg-type]
-    return cell
-
-
-def delta_cell(a: object, b: object, note: str = "") -> dict:
-    """b − a in points (×100, one decimal), from the values as shown; with a → b beside it."""
-    ta, tb = pct(a), pct(b)
-    cell = {"a": ta or "n/a", "b": tb or "n/a", "text": "n/a", "na": True, "cls": "", "title": note}
-    if ta is not None and tb is not None:
-        cell["text"], cell["cls"] = signed(float(tb) - float(ta))
-        cell["na"] = False
-    elif not note:
-        cell["title"] = "not available in " + " and ".join(
-            name for name, t in (("run a", ta), ("run b", tb)) if t is None
-        )
-    return cell
-
-
-def _mean(values: pd.Series) -> tuple[float, str]:
-    """Mean over the categories that have a value, and a note when some do not."""
-    arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    ok = np.isfinite(arr)
-    if not ok.any():
-        return math.nan, "no category has this value"
-    note = "" if ok.all() else f"mean over {int(ok.sum())} of {arr.size} categories (the others are n/a)"
-    return float(arr[ok].mean()), note
-
-
-# --------------------------------------------------------------------------- reference
-
-
-class _Reference:
-    def __init__(self, ref: pd.DataFrame | None):
-        self.rows: dict[tuple[str, str], dict] = {}
-        if ref is not None:
-            for rec in ref.to_dict("records"):
-                self.rows[(str(rec["dataset"]), str(rec["category"]))] = rec
-
-    def has_dataset(self, dataset: str) -> bool:
-        return any(d == dataset for d, _ in self.rows)
-
-    def value(self, dataset: str, category: str, key: str) -> float | None:
-        if category == "mean":  # a category literally named "mean" is not the paper's mean row.
-            return None
-        rec = self.rows.get((dataset, category))
-        return None if rec is None or _is_nan(rec.get(key)) else float(rec[key])
-
-    def mean(self, dataset: str, categories: list[str], key: str) -> tuple[float | None, str]:
-        """The paper's mean for these categories: its own mean row when they are all of the
-        paper's categories, else the mean of its values over the ones present."""
-        paper_cats = {c for d, c in self.rows if d == dataset and c != "mean"}
-        shown = [c for c in dict.fromkeys(categories) if c in paper_cats]
-        if not shown:
-            return None, ""
-        full = self.rows.get((dataset, "mean"))
-        if set(shown) == paper_cats and full is not None and not _is_nan(full.get(key)):
-            return float(full[key]), "the paper's mean row"
-        vals = [self.value(dataset, c, key) for c in shown]
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None, ""
-        return float(np.mean(vals)), f"mean of the paper's values over the {len(vals)} categories shown"
-
-
 # --------------------------------------------------------------------------- pages
 
 
@@ -250,7 +144,7 @@ class _Names:
 def _no_curves(rec: dict) -> str:
     """Why a category whose figures exist has no ROC / PR curves, from its image counts."""
     n, k = rec.get("n_images"), rec.get("n_anomalous")
-    if _is_nan(n) or _is_nan(k):
+    if is_nan(n) or is_nan(k):
         return "no ROC / PR curves: the labelled images hold only one class"
     n, k = int(float(n)), int(float(k))
     if k == 0:
@@ -288,7 +182,7 @@ def _figures(out_dir: Path, run: RunData, rec: dict) -> list[dict]:
     return items
 
 
-def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: _Reference,
+def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: Reference,
               missing: list[str]) -> dict:
     part = df[df["dataset"] == dataset]
     has_ref = ref.has_dataset(dataset)
@@ -297,8 +191,8 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
         cat, note = rec["category"], rec["notes"]
         rows.append({
             "category": cat,
-            "n_images": _count(rec["n_images"]),
-            "n_anomalous": _count(rec["n_anomalous"]),
+            "n_images": count(rec["n_images"]),
+            "n_anomalous": count(rec["n_anomalous"]),
             "notes": note,
             "cells": [dict(value_cell(rec[k], note, ref.value(dataset, cat, k)), metric=k) for k in METRICS],
             "figures": _figures(out_dir, run, rec),
@@ -306,7 +200,7 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
         })
     mean_cells = []
     for k in METRICS:
-        m, note = _mean(part[k])
+        m, note = mean_over_categories(part[k])
         rv, rnote = ref.mean(dataset, list(part["category"]), k)
         mean_cells.append(dict(value_cell(m, note, rv, rnote), metric=k, title=note or ""))
     return {
@@ -318,7 +212,7 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
     }
 
 
-def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Reference,
+def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: Reference,
               expected: list[str]) -> dict:
     done = list(dict.fromkeys(c for _, df in frames for c in df.loc[df["dataset"] == dataset, "category"]))
     cats = list(dict.fromkeys(done + expected))
@@ -342,7 +236,7 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: _Re
     for run, df in frames:
         part = df[df["dataset"] == dataset]
         for k in HEADLINE:
-            m, note = _mean(part[k]) if not part.empty else (math.nan, f"{NOT_MATERIALIZED} in run {run.profile}")
+            m, note = mean_over_categories(part[k]) if not part.empty else (math.nan, f"{NOT_MATERIALIZED} in run {run.profile}")
             mean_cells.append(dict(value_cell(m, note), metric=k, profile=run.profile, title=note))
     paper_mean = []
     for k in HEADLINE:
@@ -373,8 +267,8 @@ def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -
             })
         mean_cells = []
         for k in METRICS:
-            ma, na = _mean(merged[f"{k}_a"]) if len(merged) else (math.nan, "")
-            mb, nb = _mean(merged[f"{k}_b"]) if len(merged) else (math.nan, "")
+            ma, na = mean_over_categories(merged[f"{k}_a"]) if len(merged) else (math.nan, "")
+            mb, nb = mean_over_categories(merged[f"{k}_b"]) if len(merged) else (math.nan, "")
             mean_cells.append(dict(delta_cell(ma, mb, " / ".join(n for n in (na, nb) if n)), metric=k))
         shared = set(merged["category"])
         sections.append({
@@ -385,6 +279,18 @@ def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -
             "only_b": [c for c in pb["category"] if c not in shared],
         })
     return sections
+
+
+def _variants(paper: tuple[RunData, pd.DataFrame], variants: list[tuple[RunData, pd.DataFrame]]) -> list[dict]:
+    """Per dataset: each category's rows of Δ (variant − paper), one row per variant, and the means."""
+    sections: dict[str, dict] = {}
+    for run, df in variants:
+        for s in _compare(paper, (run, df)):
+            sec = sections.setdefault(s["dataset"], {"dataset": s["dataset"], "categories": {}, "means": []})
+            for row in s["rows"]:
+                sec["categories"].setdefault(row["category"], []).append({"profile": run.profile, "cells": row["cells"]})
+            sec["means"].append({"profile": run.profile, "label": s["mean"]["label"], "cells": s["mean"]["cells"]})
+    return list(sections.values())
 
 
 def _facts(run: RunData) -> list[tuple[str, str]]:
@@ -400,6 +306,7 @@ def render_reports(
     reference: pd.DataFrame | None,
     compare: tuple[str, str] | None = None,
     categories: list[tuple[str, str]] | None = None,
+    variants: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write the report folder; returns ``out_dir / "index.html"``.
 
@@ -407,6 +314,8 @@ def render_reports(
     first two runs are compared when there are at least two. ``categories`` lists the
     configured ``(dataset, category)`` pairs: those a run has no metrics for are shown as not
     yet materialized (a run with no metrics at all is shown as such, never an error).
+    ``variants`` maps a paper profile to its method-variant profiles (same backbone): one page
+    per paper profile shows every variant's deltas against it, category by category.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +326,7 @@ def render_reports(
     expected: dict[str, list[str]] = {}
     for dataset, category in categories or []:
         expected.setdefault(str(dataset), []).append(str(category))
-    ref = _Reference(reference)
+    ref = Reference(reference)
     env = _env()
     names = _Names(out_dir)
     shutil.copyfile(TEMPLATES / CSS_NAME, inside(out_dir, CSS_NAME))
@@ -432,6 +341,16 @@ def render_reports(
             raise ValueError(f"render_reports: compare names unknown run(s) {unknown}; runs are {profiles}")
         name = names.take("compare", slug(compare[0]) + "_vs_" + slug(compare[1]))
         compare_info = {"a": compare[0], "b": compare[1], "file": name, "href": _href(name)}
+
+    by_name = dict(zip(profiles, frames))
+    unknown = [p for k, vs in (variants or {}).items() for p in (k, *vs) if p not in by_name]
+    if unknown:
+        raise ValueError(f"render_reports: variants name unknown run(s) {unknown}; runs are {profiles}")
+    variant_pages = []
+    for paper, others in (variants or {}).items():
+        if others:
+            name = names.take("variants", paper)
+            variant_pages.append({"paper": paper, "variants": others, "file": name, "href": _href(name)})
 
     run_links = []
     for run, df in frames:
@@ -466,10 +385,18 @@ def render_reports(
         a, b = (dict(zip(profiles, frames))[p] for p in compare)
         write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b), groups=GROUPS)
 
+    for page in variant_pages:
+        involved = [by_name[p] for p in (page["paper"], *page["variants"])]
+        write(
+            page["file"], "variants.html",
+            paper=involved[0][0], variants=[r for r, _ in involved[1:]],
+            sections=_variants(involved[0], involved[1:]), groups=GROUPS,
+        )
+
     all_datasets = list(dict.fromkeys([d for _, df in frames for d in _datasets(df)] + list(expected)))
     write(
         "index.html", "index.html",
-        runs=run_links, compare=compare_info,
+        runs=run_links, compare=compare_info, variant_pages=variant_pages,
         headlines=[_headline(d, frames, ref, expected.get(d, [])) for d in all_datasets],
         headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
     )

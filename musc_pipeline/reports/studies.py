@@ -20,8 +20,9 @@ import pandas as pd
 
 from musc_pipeline.core import ablation
 from musc_pipeline.reports import figures
+from musc_pipeline.reports.cells import value_cell
 from musc_pipeline.reports.paths import inside, slug
-from musc_pipeline.reports.render import BANNER, CSS_NAME, _env, value_cell
+from musc_pipeline.reports.render import BANNER, CSS_NAME, _env
 
 REFERENCE = Path(__file__).parent / "study_reference.csv"
 LABELS = {"image_auroc": "Image AUROC (AC)", "image_f1_max": "Image F1-max", "image_ap": "Image AP",

@@ -1,0 +1,113 @@
+"""Table cells of the report in the paper's format: values ×100 with one decimal, the paper's
+value and the signed difference beside ours, run-versus-run deltas, means over categories.
+
+:class:`Reference` holds the paper's per-category numbers (``reference_results.csv``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def is_nan(v: object) -> bool:
+    try:
+        return v is None or math.isnan(float(v))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+
+
+def pct(v: object) -> str | None:
+    """A fraction as the paper prints it: ×100, one decimal (0.9876 → "98.8"); None for NaN."""
+    return None if is_nan(v) else f"{100 * float(v):.1f}"  # type: ignore[arg-type]
+
+
+def signed(d: float) -> tuple[str, str]:
+    """A difference in points with its sign, and a CSS class (pos / neg / zero)."""
+    text = f"{d:+.1f}"
+    if text in ("+0.0", "-0.0"):
+        return "0.0", "zero"
+    return text, ("pos" if d > 0 else "neg")
+
+
+def count(v: object) -> str:
+    return "" if is_nan(v) else str(int(float(v)))  # type: ignore[arg-type]
+
+
+def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = "") -> dict:
+    """One table cell: our value (×100), and — when the paper has it — the paper's value and
+    the signed difference ours − paper, computed from the numbers as shown."""
+    text = pct(v)
+    cell = {
+        "text": text if text is not None else "n/a",
+        "na": text is None,
+        "title": (note or "not available") if text is None else "",
+        "ref": None,
+        "diff": None,
+        "diff_cls": "",
+        "ref_title": ref_note,
+    }
+    if not is_nan(ref):
+        cell["ref"] = f"{float(ref):.1f}"  # type: ignore[arg-type]
+        if text is not None:
+            cell["diff"], cell["diff_cls"] = signed(float(text) - round(float(ref), 1))  # type: ignore[arg-type]
+    return cell
+
+
+def delta_cell(a: object, b: object, note: str = "") -> dict:
+    """b − a in points (×100, one decimal), from the values as shown; with a → b beside it."""
+    ta, tb = pct(a), pct(b)
+    cell = {"a": ta or "n/a", "b": tb or "n/a", "text": "n/a", "na": True, "cls": "", "title": note}
+    if ta is not None and tb is not None:
+        cell["text"], cell["cls"] = signed(float(tb) - float(ta))
+        cell["na"] = False
+    elif not note:
+        cell["title"] = "not available in " + " and ".join(
+            name for name, t in (("run a", ta), ("run b", tb)) if t is None
+        )
+    return cell
+
+
+def mean_over_categories(values: pd.Series) -> tuple[float, str]:
+    """Mean over the categories that have a value, and a note when some do not."""
+    arr = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    ok = np.isfinite(arr)
+    if not ok.any():
+        return math.nan, "no category has this value"
+    note = "" if ok.all() else f"mean over {int(ok.sum())} of {arr.size} categories (the others are n/a)"
+    return float(arr[ok].mean()), note
+
+
+class Reference:
+    def __init__(self, ref: pd.DataFrame | None):
+        self.rows: dict[tuple[str, str], dict] = {}
+        if ref is not None:
+            for rec in ref.to_dict("records"):
+                self.rows[(str(rec["dataset"]), str(rec["category"]))] = rec
+
+    def has_dataset(self, dataset: str) -> bool:
+        return any(d == dataset for d, _ in self.rows)
+
+    def value(self, dataset: str, category: str, key: str) -> float | None:
+        if category == "mean":  # a category literally named "mean" is not the paper's mean row.
+            return None
+        rec = self.rows.get((dataset, category))
+        return None if rec is None or is_nan(rec.get(key)) else float(rec[key])
+
+    def mean(self, dataset: str, categories: list[str], key: str) -> tuple[float | None, str]:
+        """The paper's mean for these categories: its own mean row when they are all of the
+        paper's categories, else the mean of its values over the ones present."""
+        paper_cats = {c for d, c in self.rows if d == dataset and c != "mean"}
+        shown = [c for c in dict.fromkeys(categories) if c in paper_cats]
+        if not shown:
+            return None, ""
+        full = self.rows.get((dataset, "mean"))
+        if set(shown) == paper_cats and full is not None and not is_nan(full.get(key)):
+            return float(full[key]), "the paper's mean row"
+        vals = [self.value(dataset, c, key) for c in shown]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, ""
+        return float(np.mean(vals)), f"mean of the paper's values over the {len(vals)} categories shown"
