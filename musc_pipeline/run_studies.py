@@ -19,14 +19,14 @@ SWEEP = ("msm_variants", "percentage", "interval_start", "rscin")
 
 
 def sweep_timing(storage: Path) -> pd.DataFrame:
-    """Per profile: the sweep's seconds (re-aggregation + maps + RsCIN; metrics apart) over all
+    """Per profile: the sweep's seconds (prefix sums, re-aggregation, maps, RsCIN; metrics apart) over all
     categories, and one category's MSM seconds (the mean category), from the catalog."""
     con = duckdb.connect(str(storage / "catalog.duckdb"), read_only=True)
     try:
         return con.execute(f"""
             WITH sweep AS (
               SELECT profile, count(DISTINCT category) AS categories,
-                     sum(value) FILTER (WHERE metric IN ('reaggregate_s', 'rescore_s')) AS sweep_s,
+                     sum(value) FILTER (WHERE metric IN ('prepare_s', 'reaggregate_s', 'rescore_s')) AS sweep_s,
                      sum(value) FILTER (WHERE metric = 'evaluate_s') AS metrics_s
               FROM ablation_results WHERE study IN {SWEEP} GROUP BY profile),
             msm AS (

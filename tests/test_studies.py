@@ -35,23 +35,24 @@ def test_reaggregated_intervals_equal_fresh_msm_runs(s):
     groups = subsets.divide(["good"] * 5 + ["bad"] * 4, s)
     sims, pool = ablation.sorted_similarities(ys, groups, (1, 3, 5))
     assert sims.shape == (9, 2, 3, 25, max(len(g) for g in groups) - 1)
+    dist = ablation.prepare(sims, pool)
     chosen = [ablation.PERCENTAGES[k] for k in ("10%", "50%", "100%")] + [ablation.INTERVAL_STARTS["[25%, 55%]"]]
     for reduction in chosen:
         fresh = msm.score_stages(ys, groups, (1, 3, 5), reduction.interval)
-        assert torch.allclose(ablation.reaggregate(sims, pool, reduction), fresh, rtol=0, atol=TOL), reduction
+        assert torch.allclose(ablation.reaggregate(dist, reduction), fresh, rtol=0, atol=TOL), reduction
 
 
 def test_msm_variants_follow_their_definition():
     """Tab. 5: min / max / mean over all N − 1 distances or over the lowest 30 %."""
     ys = _maps(n=11)
-    sims, pool = ablation.sorted_similarities(ys, [np.arange(11)], (1,))
+    prepared = ablation.prepare(*ablation.sorted_similarities(ys, [np.arange(11)], (1,)))
     sim = msm.max_similarities(ys[0], None, (1,))[0]  # N×P×N, self −inf
     dist = torch.sqrt(torch.clamp(2 - 2 * sim.double(), min=0)).sort(dim=-1).values[..., :10]  # ascending, self dropped
     k = msm.interval_slice(10, (0, 0.3)).stop  # 3 lowest
     expected = {"(a) min": dist[..., 0], "(b) max": dist[..., -1], "(c) mean": dist.mean(-1),
                 "(d) 30% + min": dist[..., 0], "(e) 30% + max": dist[..., k - 1], "(f) 30% + mean": dist[..., :k].mean(-1)}
     for name, reduction in ablation.MSM_VARIANTS.items():
-        got = ablation.reaggregate(sims, pool, reduction)[:, 0, 0]
+        got = ablation.reaggregate(prepared, reduction)[:, 0, 0]
         assert torch.allclose(got.double(), expected[name], atol=TOL), name
 
 

@@ -16,7 +16,7 @@ from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint
 
-STUDY_REVISION = 1
+STUDY_REVISION = 2  # 2: prefix-sum re-aggregation, prepare_s rows
 
 
 def study_group(profile: str) -> str:

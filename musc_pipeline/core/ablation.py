@@ -9,8 +9,8 @@ and re-aggregate it instead of re-running the method:
       S_{l,r}(i, m) = [max_n cos(Z_{l,r,i}[m], Z_{l,r,j}[n])]_{j ≠ i}   descending, N×L×R×P×(N−1)
 
   The distances a_{i,m}(j) = √(2 − 2S) then ascend along the last axis, so every interval of
-  them, reduced by mean, min or max, is a slice: s_{l,r}(i, m) for any variant without a
-  product.
+  them reduced by min or max is one element, and by mean one difference of prefix sums
+  (:func:`prepare`, once per study): s_{l,r}(i, m) for any variant without a product.
 - Aggregation degrees (Tab. 3, Tab. 9): A(i, m) averages s_{l,r}(i, m) over a chosen set of r.
 - RsCIN (Tab. 5, Fig. 8, Tab. 11): re-scores image scores only (:func:`rscin_settings`).
 
@@ -97,27 +97,57 @@ def sorted_similarities(
     return out, pool
 
 
-def _reduce(kept: torch.Tensor, how: Reduce) -> torch.Tensor:
-    d = torch.sqrt(torch.clamp(2.0 - 2.0 * kept.double(), min=0.0))  # distances, as msm.interval_mean_distance
-    if how == "mean":
-        return d.mean(dim=-1)
-    return d.amin(dim=-1) if how == "min" else d.amax(dim=-1)
+@dataclass(frozen=True)
+class SortedDistances:
+    """S with the prefix sums of its distances, so that every interval mean is one subtraction.
 
-
-def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reduction: Reduction) -> torch.Tensor:
-    """s_{l,r}(i, m) of one MSM variant from S. sims: N×L×R×P×W, pool: N -> N×L×R×P float32.
-
-    The kept positions are :func:`msm.interval_slice` of each image's pool size, so
-    ``Reduction(interval)`` equals ``msm.score_stages(..., interval)`` value for value.
+    prefix[..., k] = Σ of the k smallest distances a_{i,m}(j) (float64: float32 sums of ~N values
+    would move a one-value interval by more than 1e-6). Padding (−inf similarity) is never read.
     """
-    out = torch.empty(sims.shape[:-1], dtype=torch.float32)
+
+    sims: torch.Tensor  # N×L×R×P×W float32, descending
+    pool: torch.Tensor  # N int64
+    prefix: torch.Tensor  # N×L×R×P×(W + 1) float64
+
+
+def _distances(sims: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * sims.double(), min=0.0))  # as msm.interval_mean_distance
+
+
+def prepare(sims: torch.Tensor, pool: torch.Tensor) -> SortedDistances:
+    """One pass over S (per study, not per setting): distances and their prefix sums."""
+    prefix = torch.zeros((*sims.shape[:-1], sims.shape[-1] + 1), dtype=torch.float64)
     for start in range(0, sims.shape[0], _CHUNK_IMAGES):
         stop = min(start + _CHUNK_IMAGES, sims.shape[0])
-        for n_valid in pool[start:stop].unique().tolist():
-            rows = torch.nonzero(pool[start:stop] == n_valid)[:, 0] + start
-            keep = msm.interval_slice(n_valid, reduction.interval)
-            out[rows] = _reduce(sims[rows, ..., keep], reduction.reduce).float()
-    return out
+        torch.cumsum(_distances(sims[start:stop]), dim=-1, out=prefix[start:stop, ..., 1:])
+    return SortedDistances(sims, pool, prefix)
+
+
+def reaggregate(dist: SortedDistances, reduction: Reduction) -> torch.Tensor:
+    """s_{l,r}(i, m) of one MSM variant. -> N×L×R×P float32.
+
+    The kept positions are :func:`msm.interval_slice` of each image's pool size, so
+    ``Reduction(interval)`` equals ``msm.score_stages(..., interval)``: min and max exactly,
+    the mean up to float64 rounding of the prefix sums (~1e-15).
+    """
+    n = dist.pool.shape[0]
+    lo, hi = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    for n_valid in dist.pool.unique().tolist():
+        keep = msm.interval_slice(n_valid, reduction.interval)
+        rows = dist.pool == n_valid
+        lo[rows], hi[rows] = keep.start, keep.stop
+
+    def at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # t[i, ..., k_i] -> N×L×R×P
+        index = k.view(n, 1, 1, 1, 1).expand(*t.shape[:-1], 1)
+        return t.gather(-1, index)[..., 0]
+
+    if reduction.reduce == "min":
+        out = _distances(at(dist.sims, lo))
+    elif reduction.reduce == "max":
+        out = _distances(at(dist.sims, hi - 1))
+    else:
+        out = (at(dist.prefix, hi) - at(dist.prefix, lo)) / (hi - lo).double().view(n, 1, 1, 1)
+    return out.float()
 
 
 def degree_sets(stored: Sequence[int], extra: Sequence[int]) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,7 @@ from musc_pipeline.reports.render import BANNER, CSS_NAME, _env
 
 REFERENCE = Path(__file__).parent / "study_reference.csv"
 LABELS = {"image_auroc": "Image AUROC (AC)", "image_f1_max": "Image F1-max", "image_ap": "Image AP",
-          "pixel_auroc": "Pixel AUROC (AS)", "reaggregate_s": "re-aggregate s", "rescore_s": "maps + RsCIN s",
+          "pixel_auroc": "Pixel AUROC (AS)", "prepare_s": "prefix sums s (once)", "reaggregate_s": "re-aggregate s", "rescore_s": "maps + RsCIN s",
           "evaluate_s": "metrics s", "msm_ms_per_image": "MSM ms / image", "peak_rss_mb": "peak RSS MB",
           "peak_gpu_mb": "peak GPU MB", "subset_min": "smallest subset", "subset_max": "largest subset"}
 
