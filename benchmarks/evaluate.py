@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from musc_pipeline.core import lnamd, maps, metrics, msm, rscin, rscon, snamd, subsets  # noqa: E402
 from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule  # noqa: E402
 from musc_pipeline.resources.datasets import categories, read_image, read_mask, scan_category  # noqa: E402
-from musc_pipeline.resources.model import ModelRuntime, resolve_name  # noqa: E402
+from musc_pipeline.resources.model import ModelRuntime  # noqa: E402
+from musc_pipeline.resources.weights import resolve_name  # noqa: E402
 from musc_pipeline.settings import fingerprint, load_settings  # noqa: E402
 
 AGGREGATIONS = ("lnamd", "snamd")

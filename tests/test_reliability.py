@@ -41,7 +41,7 @@ from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.resources import storage
 from musc_pipeline.resources.backbone import ModelResource
-from musc_pipeline.resources.model import WeightsUnavailableError, load_extractor
+from musc_pipeline.resources.weights import WeightsUnavailableError, load_extractor
 from musc_pipeline.resources.datasets import read_image, read_mask
 from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings
 
@@ -127,7 +127,7 @@ import duckdb
 from dagster import AssetKey, DagsterInstance
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.resources.backbone import ModelResource
-from musc_pipeline.resources.model import load_extractor
+from musc_pipeline.resources.weights import load_extractor
 from musc_pipeline.resources.storage import rebuild_catalog
 from musc_pipeline.settings import BackboneSettings, Settings
 

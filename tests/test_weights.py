@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from musc_pipeline.resources.model import WeightsUnavailableError, load_extractor, locate_weights
+from musc_pipeline.resources.weights import WeightsUnavailableError, load_extractor, locate_weights
 from musc_pipeline.settings import BackboneSettings
 
 

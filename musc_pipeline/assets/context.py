@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, PreviewWarning, StaticPartitionsDefinition
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.resources.model import resolve_name
+from musc_pipeline.resources.weights import resolve_name
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.

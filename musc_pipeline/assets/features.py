@@ -20,7 +20,8 @@ from musc_pipeline.assets.metadata import progress_logger, table_metadata, timin
 from musc_pipeline.core import lnamd
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.datasets import read_image, scan_category
-from musc_pipeline.resources.model import locate_weights, measure
+from musc_pipeline.resources.model import measure
+from musc_pipeline.resources.weights import locate_weights
 from musc_pipeline.resources.storage import ArrayBundle
 
 

@@ -3,7 +3,7 @@
 Each :class:`BackboneSpec` says which blocks are the four stage taps and how images are
 normalised; adding a backbone is adding an entry. :func:`build` makes the network with
 *random* weights; loading real weights into it (hub cache, a file, a weights package) is the
-job of :mod:`musc_pipeline.resources.model`, which keeps this module free of I/O.
+job of :mod:`musc_pipeline.resources.weights`, which keeps this module free of I/O.
 
 A :class:`FeatureExtractor` maps a batch B×3×S×S to
 

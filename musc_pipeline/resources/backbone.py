@@ -14,7 +14,8 @@ import torch
 from dagster import ConfigurableResource
 
 from musc_pipeline.core import backbone as bb
-from musc_pipeline.resources.model import Embedded, Identity, ModelRuntime
+from musc_pipeline.resources.model import Embedded, ModelRuntime
+from musc_pipeline.resources.weights import Identity
 from musc_pipeline.settings import BackboneSettings
 
 
