@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo test venv dev benchmark evaluate clean
+.PHONY: demo studies test venv dev benchmark evaluate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
 	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m musc_pipeline.demo
+
+studies: $(STAMP)  # after `make demo`: every ablation study of every category, then reports/study_*.html
+	@mkdir -p $(DAGSTER_HOME)
+	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m musc_pipeline.run_studies
 
 test: $(STAMP)
 	$(PY) -m pytest

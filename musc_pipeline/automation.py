@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from musc_pipeline.assets.context import backbone_fingerprint, profile_problem
+from musc_pipeline.assets.studies import STUDIES
 from musc_pipeline.settings import Settings
 
 PER_CATEGORY = ("image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
@@ -35,6 +36,28 @@ def category_job(profile: str):
         selection=AssetSelection.assets(*[AssetKey([profile, a]) for a in PER_CATEGORY]),
         description=f"Materialize every per-category stage of profile {profile!r} for the chosen partitions.",
     )
+
+
+#: The study inputs each study needs besides the pipeline's stages (see assets.studies).
+STUDY_INPUTS = {"degrees": ("msm_scores_extra_degrees",), "msm_variants": ("msm_similarities",),
+                "percentage": ("msm_similarities",), "interval_start": ("msm_similarities",)}
+
+
+def study_jobs(settings: Settings) -> list:
+    """A job per study (every profile, the study and its inputs; run it for chosen partitions),
+    ``studies`` (all of them) and ``study_pages`` (the HTML pages). The pipeline's stages must be
+    materialized for those partitions (``make demo``)."""
+    def keys(study: str) -> list[AssetKey]:
+        return [AssetKey([p, a]) for p in settings.profiles for a in (*STUDY_INPUTS.get(study, ()), f"study_{study}")]
+
+    jobs = [define_asset_job(name=f"study_{s}", selection=AssetSelection.assets(*keys(s)),
+                             description=f"Ablation study {s!r} for the chosen partitions, every profile.")
+            for s in STUDIES]
+    jobs.append(define_asset_job(name="studies", selection=AssetSelection.assets(*[k for s in STUDIES for k in keys(s)]),
+                                 description="Every ablation study for the chosen partitions, every profile."))
+    jobs.append(define_asset_job(name="study_pages", selection=AssetSelection.assets(AssetKey("study_pages")),
+                                 description="Render the study pages (reports/study_*.html) from the studies' tables."))
+    return jobs
 
 
 def build_automation(settings: Settings, partitions: StaticPartitionsDefinition):
@@ -79,4 +102,4 @@ def build_automation(settings: Settings, partitions: StaticPartitionsDefinition)
         return requests or SkipReason("no backbone configuration changed")
 
     sensors.append(backbone_change_sensor)
-    return [*jobs.values(), summary_job], schedules, sensors
+    return [*jobs.values(), summary_job, *study_jobs(settings)], schedules, sensors

@@ -96,6 +96,14 @@ class ProfileSettings(_Strict):
     description: str = ""
 
 
+class StudySettings(_Strict):
+    """Ablation studies (``musc_pipeline.assets.studies``)."""
+
+    extra_degrees: tuple[int, ...] = (7, 9)  # Tab. 9: LNAMD/MSM run for these degrees only
+    # Tab. 11: other methods' image scores, name -> Parquet file with (path, score) columns
+    imported_scores: dict[str, str] = Field(default_factory=dict)
+
+
 class Settings(_Strict):
     storage: str = ".musc"  # base location: a path or an fsspec URL (s3://…)
     reports_dir: str = "reports"
@@ -103,6 +111,7 @@ class Settings(_Strict):
         default_factory=lambda: {"demo": DatasetSettings(root=str(DEMO_ROOT))}
     )
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"musc": ProfileSettings()})
+    studies: StudySettings = StudySettings()
 
     @field_validator("datasets", "profiles")
     @classmethod
@@ -151,6 +160,10 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         if os.environ.get(var):
             datasets[name] = {"root": resolve_path(os.environ[var], Path.cwd()), "layout": layout}
     raw["datasets"] = datasets
+    studies = raw.get("studies") or {}
+    if isinstance(studies.get("imported_scores"), dict):
+        raw["studies"] = {**studies, "imported_scores": {
+            k: resolve_path(v, base) for k, v in studies["imported_scores"].items()}}
     if os.environ.get("MUSC_STORAGE"):
         raw["storage"] = os.environ["MUSC_STORAGE"]
     settings = Settings.model_validate(raw)

@@ -1,8 +1,8 @@
 """MSM (SPEC §3, §7) against the slow float64 reference, plus hand-made cases.
 
 Both similarity strategies of :func:`msm.max_similarities` are checked: ``per_degree`` (one
-product per LNAMD degree, the default) and ``box_filter`` (one r = 1 product per pair,
-box-filtered over both patch grids: the identity of SPEC §3).
+product per LNAMD degree) and ``box_filter`` (one r = 1 product per pair, box-filtered over both
+patch grids in the C kernel: the identity of SPEC §3; the CPU default).
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def _pairs_used(y: torch.Tensor, budget: int, strategy: str, refs: torch.Tensor 
 
 
 def _two_image_blocks_budget(p: int, strategy: str) -> int:
-    """The smallest budget that puts more than one image into a block."""
+    """The smallest budget that puts more than one image into a block (float32 blocks; one
+    worker thread here, so box_filter's per-worker share is the whole budget)."""
     budget = 1
-    while msm.block_size(p, budget, msm._BLOCK_COPIES if strategy == "box_filter" else 1) < 2:
+    while msm.block_size(p, budget) < 2:
         budget *= 2
     return budget
 
@@ -156,6 +157,42 @@ def test_strategies_agree(seed):
 def test_unknown_strategy_raises():
     with pytest.raises(ValueError, match="strategy"):
         msm.scores_by_degree(_y(_tokens(1, 3, 2, 2, 4)), (1,), strategy="fft")
+
+
+def test_auto_strategy_is_the_kernel_on_cpu_and_per_degree_elsewhere(monkeypatch):
+    assert msm.resolve_strategy("auto", "cpu") == "box_filter"  # cc is there wherever the tests run
+    assert msm.resolve_strategy("auto", "cuda") == "per_degree"
+    assert msm.resolve_strategy("per_degree", "cpu") == "per_degree"
+    with pytest.raises(ValueError, match="CPU"):
+        msm.resolve_strategy("box_filter", "cuda")
+    monkeypatch.setattr(msm, "_kernel", lambda: None)  # no C compiler
+    assert msm.resolve_strategy("auto", "cpu") == "per_degree"
+    with pytest.raises(RuntimeError, match="compiler"):
+        msm.resolve_strategy("box_filter", "cpu")
+
+
+@pytest.mark.parametrize("seed, grid, degrees", [(221, (5, 6), (1, 3, 5, 7)), (222, (3, 5), (3,)),
+                                                 (223, (2, 2), (5, 3)), (224, (1, 4), (1, 3))])
+def test_box_filter_degrees_and_grids_match_reference(seed, grid, degrees):
+    """Any odd degrees, grids narrower than the window, h != w: the kernel's bounds."""
+    h, w = grid
+    tokens = _tokens(seed, n=5, h=h, w=w, c=8)
+    got = msm.scores_by_degree(_y(tokens), degrees, strategy="box_filter", memory_budget=1)
+    np.testing.assert_allclose(got.numpy(), _ref_by_degree(tokens, degrees), rtol=0, atol=ATOL)
+
+
+def test_box_filter_worker_threads_give_the_same_similarities():
+    """Block pairs run on torch.get_num_threads() workers, each writing its own part of out."""
+    y = _y(_tokens(231, n=9, h=4, w=5, c=16))
+    budget = _two_image_blocks_budget(20, "box_filter") * 2
+    one = msm.max_similarities(y, None, (1, 3, 5), memory_budget=budget, strategy="box_filter")
+    torch.set_num_threads(2)
+    try:
+        two = msm.max_similarities(y, None, (1, 3, 5), memory_budget=2 * budget, strategy="box_filter")
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(two, one, atol=0, rtol=0)
+    assert torch.get_num_threads() == 1  # the workers' single-threaded products leave ours alone
 
 
 def test_degrees_differ():
@@ -417,15 +454,17 @@ def test_smoothing_is_off_by_default_and_changes_maps_when_on():
     assert smooth.shape == plain.shape and (smooth - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mode", ["zero_shot", "few_shot"])
-def test_row_chunks_beyond_the_result_budget_give_the_same_scores(mode):
+def test_row_chunks_beyond_the_result_budget_give_the_same_scores(mode, strategy):
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
     y = lnamd.layer_norm_map(torch.randn(9, 4, 4, 8, generator=gen))
     refs = lnamd.layer_norm_map(torch.randn(2, 4, 4, 8, generator=gen)) if mode == "few_shot" else None
-    whole = msm.scores_by_degree(y, (1, 3, 5), references=refs, mode=mode)
+    whole = msm.scores_by_degree(y, (1, 3, 5), references=refs, mode=mode, strategy=strategy)
     calls = []
     row_bytes = 3 * 16 * (9 + (2 if refs is not None else 0)) * 4
     chunked = msm.scores_by_degree(y, (1, 3, 5), references=refs, mode=mode, result_budget=2 * row_bytes,
+                                   strategy=strategy,
                                    progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 9), (4, 9), (6, 9), (8, 9), (9, 9)]  # five row chunks, not one symmetric pass
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
@@ -450,18 +489,20 @@ def test_score_stages_scores_each_subset_of_each_stage_on_its_own():
 
 
 def test_float16_blocks_do_not_change_the_scores():
-    """float16 blocks are reduced in float16 (maxima are exact in any precision): the result
-    is the same however the image pairs are blocked, and the blocks are sized by 2-byte items."""
+    """per_degree (the accelerator path) reduces float16 blocks in float16 (maxima are exact in
+    any precision): the result is the same however the image pairs are blocked, and the blocks
+    are sized by 2-byte items."""
     y = _y(_tokens(89, n=7, h=4, w=4, c=16))
     one_pair_fp16 = 16 * 16 * 2  # bytes of one P×P block in float16
     totals = {}
     for dtype in (torch.float16, torch.float32):
         calls = []
-        msm.max_similarities(y, None, (1,), memory_budget=4 * one_pair_fp16, dtype=dtype,
+        msm.max_similarities(y, None, (1,), memory_budget=4 * one_pair_fp16, dtype=dtype, strategy="per_degree",
                              progress=lambda done, total: calls.append(total))
         totals[dtype] = calls[-1]
     # float16: 2 images per block -> 4 blocks, 10 block pairs; float32: 1 image, 28 pairs
     assert totals == {torch.float16: 10, torch.float32: 28}
-    whole = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16)
-    blocked = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16, memory_budget=one_pair_fp16)
+    whole = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16, strategy="per_degree")
+    blocked = msm.scores_by_degree(y, (1, 3, 5), dtype=torch.float16, memory_budget=one_pair_fp16,
+                                   strategy="per_degree")
     torch.testing.assert_close(blocked, whole, atol=0, rtol=0)

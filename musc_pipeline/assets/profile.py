@@ -19,6 +19,7 @@ from musc_pipeline.assets.context import ProfileContext, code_versions, profile_
 from musc_pipeline.assets.features import backbone_features_asset, image_manifest_asset, lnamd_features_asset
 from musc_pipeline.assets.metrics import category_metrics_asset
 from musc_pipeline.assets.scoring import anomaly_maps_asset, msm_scores_asset, rscin_scores_asset, salient_features_asset
+from musc_pipeline.assets.studies import build_study_assets
 from musc_pipeline.settings import ProfileSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,11 @@ STAGE_FACTORIES = (image_manifest_asset, backbone_features_asset, lnamd_features
 def build_profile_assets(
     name: str, profile: ProfileSettings, settings: Settings, partitions: StaticPartitionsDefinition
 ) -> list[AssetsDefinition]:
-    """All per-category assets of one profile (asset keys prefixed with the profile name)."""
+    """All per-category assets of one profile (asset keys prefixed with the profile name), its
+    ablation studies included (group ``<profile>_studies``)."""
     problem = profile_problem(name, profile)
     if problem:  # the other profiles load and run; this one's assets carry the reason and fail with it
         log.warning(problem)
     p = ProfileContext(name, profile, settings, partitions, code_versions(profile, usable=not problem), problem)
     extra = (salient_features_asset,) if profile.method.rescoring == "rscon" else ()
-    return [factory(p) for factory in STAGE_FACTORIES + extra]
+    return [factory(p) for factory in STAGE_FACTORIES + extra] + build_study_assets(p)

@@ -16,11 +16,15 @@ How it is computed (all exact, see SPEC §3):
   distances are only formed for the few values the interval keeps.
 - One product ``Y_i Y_jᵀ`` serves both directions: its row maxima score image i against j,
   its column maxima score j against i. Only blocks with J ≥ I are computed.
-- ``<B_r(Y_i)[m], B_r(Y_j)[n]>`` is the box filter of the r = 1 product over both patch grids,
-  so degrees 3 and 5 can come from the same product (``strategy="box_filter"``, see
-  :mod:`lnamd`). Measured here it does not pay on CPU or GPU for the backbones we ship
-  (filtering a P×P block costs more than a product of width C), so the default
-  ``per_degree`` multiplies the LNAMD features of each degree instead.
+- ``<B_r(Y_i)[m], B_r(Y_j)[n]>`` is the box filter of the r = 1 product over both patch grids
+  (:mod:`lnamd`), and ``cos = <·,·>/(‖B_r Y_i[m]‖·‖B_r Y_j[n]‖)``, so every degree comes from
+  one product per image pair (``strategy="box_filter"``, the CPU default). Filtering costs a few
+  adds per element against 2C for the product, but only if it happens in cache: a small C
+  kernel (compiled on first use) filters each pair's P×P block and reduces it to row and column
+  maxima at once. The same with torch operations runs at memory speed, one pass per operation,
+  and some 30 passes per block cost more than the product itself on this CPU.
+  ``per_degree`` multiplies the LNAMD features of each degree instead (three products; any
+  device and dtype; the default where the kernel is not available).
 - Image pairs are processed in blocks whose size is derived from a memory budget, so peak
   memory for the similarity blocks is bounded whatever N is. The per-pair result
   (R × N × P × N similarities) is what grows with N.
@@ -30,7 +34,15 @@ The seam for speed work is :func:`max_similarities`; everything else is selectio
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import functools
 import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -51,12 +63,11 @@ NAMED_INTERVALS: dict[str, Interval] = {
     "mean": (0.0, 1.0),
     "paper": PAPER_INTERVAL,
 }
-# Small blocks waste less on the diagonal blocks (multiplied whole) and stay in cache:
-# 32 MB measured fastest on the 2-core CPU (benchmarks/msm.py); GPUs want larger blocks.
+# Bounds the similarity blocks: per_degree holds one block pair (32 MB measured fastest for it
+# on the 2-core CPU, benchmarks/msm.py; GPUs want larger blocks); box_filter one per worker
+# thread, each at most _BOX_BLOCK_BYTES (cache), so 16 MB each with 2 threads.
 DEFAULT_MEMORY_BUDGET = 32 * 2**20
 DEFAULT_RESULT_BUDGET = 2 * 2**30
-# G, the j-grid filtered copy, its transposed copy and the i-grid filtered copy.
-_BLOCK_COPIES = 4
 
 
 def resolve_interval(interval: Interval | str) -> Interval:
@@ -90,33 +101,22 @@ def block_size(patches: int, memory_budget: int, copies: int = 1, itemsize: int 
     return max(1, math.isqrt(max(1, memory_budget // per_pair)))
 
 
-def _box_filter_last_grid(s: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
-    """r×r mean over the last patch grid of s (…×P), zero padded, zeros counted."""
-    h, w = grid
-    lead = s.shape[:-1]
-    x = s.reshape(-1, 1, h, w)
-    x = F.avg_pool2d(x, kernel_size=r, stride=1, padding=r // 2, count_include_pad=True)
-    return x.reshape(*lead, h * w)
+Strategy = Literal["auto", "box_filter", "per_degree"]
 
 
-def _block_similarities(
-    gram: torch.Tensor, grid: tuple[int, int], r: int
-) -> tuple[torch.Tensor, bool]:
-    """Unnormalised degree-r similarities of one block from its r = 1 product.
-
-    gram: bi×P×bj×P. Returns the filtered tensor and whether it is transposed
-    (bj×P×bi×P), which is the layout after filtering the second grid.
-    """
-    if r == 1:
-        return gram, False
-    bi, p, bj, _ = gram.shape
-    x = _box_filter_last_grid(gram, grid, r)  # filter over image j's grid
-    x = x.permute(2, 3, 0, 1).contiguous()  # bj×P×bi×P
-    x = _box_filter_last_grid(x, grid, r)  # filter over image i's grid
-    return x, True
-
-
-Strategy = Literal["per_degree", "box_filter"]
+def resolve_strategy(strategy: str, device: torch.device | str = "cpu") -> str:
+    """``auto``: ``box_filter`` on the CPU when its kernel compiles here, else ``per_degree``."""
+    if strategy not in ("auto", "box_filter", "per_degree"):
+        raise ValueError(f"unknown MSM strategy {strategy!r}; use auto, box_filter or per_degree")
+    if torch.device(device).type != "cpu":
+        if strategy == "box_filter":
+            raise ValueError("strategy='box_filter' runs on the CPU; use per_degree on an accelerator")
+        return "per_degree"
+    if strategy == "auto":
+        return "box_filter" if _kernel() is not None else "per_degree"
+    if strategy == "box_filter" and _kernel() is None:
+        raise RuntimeError("strategy='box_filter' needs a C compiler (cc) to build its kernel")
+    return strategy
 
 
 def max_similarities(
@@ -126,7 +126,7 @@ def max_similarities(
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = torch.float32,
-    strategy: Strategy = "per_degree",
+    strategy: Strategy = "auto",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """For each degree, query patch and key image: the best cosine similarity to that image.
@@ -134,18 +134,17 @@ def max_similarities(
     queries: N×h×w×C layer-normed maps Y (or N×P×C with degrees == (1,)).
     keys: M×h×w×C, or None to score the queries against themselves (symmetric: each image
     pair is multiplied once; the self-pairs are set to −inf).
-    strategy:
-      - ``per_degree``: one product Z_{r,i} Z_{r,j}ᵀ per degree on the LNAMD features.
-      - ``box_filter``: one product Y_i Y_jᵀ per pair, box-filtered over both grids for
-        r > 1. Exact too; it trades (|R| − 1) products of width C for 2·|R−1| box filters of
-        the P×P block, which pays only when C is large and filtering is cheap
-        (``benchmarks/msm.py`` measures both).
+    strategy (:func:`resolve_strategy`):
+      - ``box_filter``: one product Y_i Y_jᵀ per image pair; every degree from it by the box
+        filter over both grids, scaled by the inverse window norms, reduced to row and column
+        maxima pair by pair in cache (the C kernel below).
+      - ``per_degree``: one product Z_{r,i} Z_{r,j}ᵀ per degree on the LNAMD features (any
+        device and dtype; maxima are exact in any precision, so blocks stay in ``dtype``).
     Returns R×N×P×M float32, ``max_n cos(B_r(Y_i)[m], B_r(Y_j)[n])``.
     """
     if dtype == torch.bfloat16:
         raise ValueError("bfloat16 similarities lose rank order (SPEC §3); use float16 or float32")
-    if strategy not in ("per_degree", "box_filter"):
-        raise ValueError(f"unknown MSM strategy {strategy!r}")
+    strategy = resolve_strategy(strategy, queries.device)
     degrees = tuple(degrees)
     if queries.ndim == 3:
         if degrees != (1,):
@@ -154,85 +153,287 @@ def max_similarities(
         keys = None if keys is None else keys.unsqueeze(2)
     n, h, w, c = queries.shape
     p = h * w
-    grid = (h, w)
     symmetric = keys is None
     key_maps = queries if symmetric else keys
     m = key_maps.shape[0]
 
-    def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
-        # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
-        return F.normalize(lnamd.window_mean(maps_.float(), r), dim=-1).reshape(len(maps_), p, c).to(dtype)
-
-    # One pass per feature set: per_degree makes one degree's features at a time (memory),
-    # box_filter one pass over Y serving every degree.
-    if strategy == "per_degree":
-        passes = [((ri,), lambda r=r: (unit(queries, r), None if symmetric else unit(key_maps, r)))
-                  for ri, r in enumerate(degrees)]
-        copies, itemsize = 1, torch.finfo(dtype).bits // 8
-    else:
-        passes = [(tuple(range(len(degrees))),
-                   lambda: (queries.reshape(n, p, c).to(dtype), None if symmetric else key_maps.reshape(m, p, c).to(dtype)))]
-        q_norms = {r: lnamd.window_norms(queries.float(), r).reshape(n, p) for r in degrees}
-        k_norms = q_norms if symmetric else {
-            r: lnamd.window_norms(key_maps.float(), r).reshape(m, p) for r in degrees
-        }
-        copies, itemsize = _BLOCK_COPIES + (dtype != torch.float32), 4  # + the product before float()
-
     out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
-    b = block_size(p, memory_budget, copies, itemsize)
+    if strategy == "box_filter":
+        # the block G of each worker, capped at what stays in cache; work rows come on top
+        b = block_size(p, min(memory_budget // max(1, torch.get_num_threads()), _BOX_BLOCK_BYTES))
+    else:
+        b = block_size(p, memory_budget, itemsize=torch.finfo(dtype).bits // 8)
     q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
     k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
-    pairs = [
-        (qi, kj)
-        for qi in range(len(q_blocks))
-        for kj in range(len(k_blocks))
-        if not symmetric or kj >= qi
-    ]
+    pairs = [(qi, kj) for qi in range(len(q_blocks)) for kj in range(len(k_blocks)) if not symmetric or kj >= qi]
 
-    def product(feats_q: torch.Tensor, feats_k: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
-        # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`. per_degree only takes maxima, which are
-        # exact in any precision, so the block stays in `dtype`; box filtering sums, in float32.
-        prod = (feats_q[i0:i1].reshape(-1, c) @ feats_k[j0:j1].reshape(-1, c).T).reshape(i1 - i0, p, j1 - j0, p)
-        return prod if strategy == "per_degree" else prod.float()
+    if strategy == "box_filter":
+        flat = lambda maps_: maps_.reshape(len(maps_), p, c).to(dtype)  # noqa: E731
+        q_feats = flat(queries)
+        k_feats = q_feats if symmetric else flat(key_maps)
+        kernel = _BoxKernel(degrees, (h, w), _inverse_window_norms(queries, degrees),
+                            None if symmetric else _inverse_window_norms(key_maps, degrees), out)
+        # One worker per thread, each multiplying (single-threaded) and filtering whole block
+        # pairs: no synchronisation between the product and the kernel, blocks stay in cache.
+        threads = torch.get_num_threads()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                jobs = [pool.submit(kernel, q_feats, k_feats, *q_blocks[qi], *k_blocks[kj]) for qi, kj in pairs]
+                for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
+                    job.result()
+                    if progress is not None:
+                        progress(done, len(pairs))
+        finally:
+            torch.set_num_threads(threads)  # the workers' setting is also the default of later threads
+    else:
+        def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
+            # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
+            return F.normalize(lnamd.window_mean(maps_.float(), r), dim=-1).reshape(len(maps_), p, c).to(dtype)
 
-    done, total = 0, len(pairs) * len(passes)
-    for degree_indices, make_features in passes:
-        q_feats, k_feats = make_features()
-        k_feats = q_feats if k_feats is None else k_feats
-        for qi, kj in pairs:
-            i0, i1 = q_blocks[qi]
-            j0, j1 = k_blocks[kj]
-            gram = product(q_feats, k_feats, i0, i1, j0, j1)
-            for ri in degree_indices:
-                if strategy == "per_degree":
-                    sim, transposed = gram, False
-                else:
-                    r = degrees[ri]
-                    sim, transposed = _block_similarities(gram, grid, r)
-                    qn, kn = q_norms[r][i0:i1], k_norms[r][j0:j1]
-                    if transposed:  # bj×P×bi×P
-                        sim = sim / (kn[:, :, None, None] * qn[None, None, :, :])
-                    else:
-                        sim = sim / (qn[:, :, None, None] * kn[None, None, :, :])
-                if transposed:  # bj×P×bi×P
-                    rows = sim.amax(dim=1).permute(1, 2, 0)  # bi×P×bj: query i vs key j
-                    cols = sim.amax(dim=3) if symmetric else None  # bj×P×bi
-                else:  # bi×P×bj×P
-                    rows = sim.amax(dim=3)
-                    cols = sim.amax(dim=1).permute(1, 2, 0) if symmetric else None
-                out[ri, i0:i1, :, j0:j1] = rows
-                if symmetric and kj != qi:
-                    out[ri, j0:j1, :, i0:i1] = cols
-                del sim
-            del gram
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        del q_feats, k_feats
+        for ri, r in enumerate(degrees):  # one degree's features at a time (memory)
+            q_feats = unit(queries, r)
+            k_feats = q_feats if symmetric else unit(key_maps, r)
+            for done, (qi, kj) in enumerate(pairs, 1):
+                (i0, i1), (j0, j1) = q_blocks[qi], k_blocks[kj]
+                # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
+                sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
+                out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
+                if symmetric and j0 != i0:
+                    out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
+                if progress is not None:
+                    progress(ri * len(pairs) + done, len(degrees) * len(pairs))
+            del q_feats, k_feats
     if symmetric:
         idx = torch.arange(n, device=out.device)
         out[:, idx, :, idx] = -torch.inf
     return out
+
+
+def _inverse_window_norms(maps_: torch.Tensor, degrees: Sequence[int]) -> torch.Tensor:
+    """1/‖window sum_r(Y)[m]‖ per degree (what the kernel's sums need): N×h×w×C -> R×N×P.
+
+    Shifted adds over the grid axes (C stays contiguous); the clamp is F.normalize's on
+    the window mean, as in per_degree."""
+    y = maps_.float()
+    inv = []
+    for r in degrees:
+        s = y
+        for axis in (1, 2):
+            acc = s.clone()
+            for d in range(1, min(r // 2, s.shape[axis] - 1) + 1):
+                acc.narrow(axis, d, s.shape[axis] - d).add_(s.narrow(axis, 0, s.shape[axis] - d))
+                acc.narrow(axis, 0, s.shape[axis] - d).add_(s.narrow(axis, d, s.shape[axis] - d))
+            s = acc
+        norm = torch.linalg.vector_norm(s, dim=-1).reshape(len(y), -1)
+        inv.append(1.0 / torch.maximum(norm, torch.tensor(r * r * 1e-12)))
+    return torch.stack(inv).contiguous()
+
+
+# --------------------------------------------------------------------------- the box-filter kernel
+#
+# Per image pair X = Y_i Y_jᵀ (P×P, a view into the block G) and degree r = 2k+1, in cache:
+#   along wj and hj (each row m, the key grid)   -> a   (P×P work rows)
+#   along hi (rows m ± d·w, the query grid)      -> b   (P×P work rows)
+#   along wi (rows m ± d), summed on the fly into S[m, ·], and reduced at once:
+#   rows[m] = iq[m]·max_n S[m,n]·ik[n],  cols[n] = ik[n]·max_m S[m,n]·iq[m]
+# Zero padding is counted like avg_pool's count_include_pad: off-grid neighbours add nothing.
+# Sums are float32 over at most r per axis (the error of avg_pool2d), maxima are exact.
+
+# G of one worker's block pair, 10 images of ViT-B/16: stays in L3 from the product to the kernel
+# (the 2-core CPU: 8 MB, 7 images, was 25 % slower: MKL multiplies 1372-wide blocks badly).
+_BOX_BLOCK_BYTES = 16 * 2**20
+
+_KERNEL_SOURCE = r"""
+#include <string.h>
+#define L 16
+#define NEG (-__builtin_inff())
+
+/* Sum the rows p[0..taps) into one row of S and fold it into the maxima (L lanes, so it
+   vectorizes): returns max_n S[n]·ik[n]; colmax[n] = max(colmax[n], S[n]·qm) unless 0. */
+static inline float reduce(const float *const *p, const int taps, const float *restrict ik, float qm,
+                           float *restrict colmax, int P)
+{
+    float acc[L], best = NEG;
+    for (int l = 0; l < L; l++) acc[l] = NEG;
+    int n = 0;
+    for (; n + L <= P; n += L)
+        for (int l = 0; l < L; l++) {
+            float v = p[0][n + l];
+            for (int d = 1; d < taps; d++) v += p[d][n + l];
+            float r = v * ik[n + l], c = v * qm;
+            acc[l] = r > acc[l] ? r : acc[l];
+            if (colmax) colmax[n + l] = c > colmax[n + l] ? c : colmax[n + l];
+        }
+    for (; n < P; n++) {
+        float v = p[0][n];
+        for (int d = 1; d < taps; d++) v += p[d][n];
+        float r = v * ik[n], c = v * qm;
+        best = r > best ? r : best;
+        if (colmax) colmax[n] = c > colmax[n] ? c : colmax[n];
+    }
+    for (int l = 0; l < L; l++) best = acc[l] > best ? acc[l] : best;
+    return best;
+}
+
+/* One pair X (row stride ldx) on an h×w grid, half-width k (a constant once inlined). */
+static inline void pair(const float *restrict x, long ldx, int h, int w, const int k,
+                        const float *restrict iq, const float *restrict ik, float *rows, long rs,
+                        float *cols, long cs, float *restrict a, float *restrict b, float *restrict t,
+                        const float *restrict mask, const float *restrict zero, float *restrict colmax)
+{
+    const int P = h * w;
+    const float *p[2 * k + 1];
+    const float *src = x;
+    long ld = ldx;
+    if (cols) for (int n = 0; n < P; n++) colmax[n] = NEG;
+    if (k > 0) {
+        for (int m = 0; m < P; m++) {
+            const float *restrict xm = x + m * ldx;
+            /* along wj into t: mask[d][n] is 1 where column n % w + d is on the grid */
+            for (int n = k; n < P - k; n++) {
+                float v = xm[n];
+                for (int d = 1; d <= k; d++) v += mask[(k - d) * P + n] * xm[n - d] + mask[(k + d) * P + n] * xm[n + d];
+                t[n] = v;
+            }
+            for (int n = 0; n < P; n++) { /* the first and last k columns: bounds checked */
+                if (n == k && P - k > k) n = P - k;
+                float v = 0.f;
+                for (int d = -k; d <= k; d++) { int e = n % w + d; if (e >= 0 && e < w) v += xm[n + d]; }
+                t[n] = v;
+            }
+            /* along hj: t has k·w zeros before and after */
+            float *restrict am = a + (long)m * P;
+            for (int n = 0; n < P; n++) {
+                float v = t[n];
+                for (int d = 1; d <= k; d++) v += t[n - d * w] + t[n + d * w];
+                am[n] = v;
+            }
+        }
+        for (int m = 0; m < P; m++) { /* along hi */
+            const int hi = m / w;
+            for (int d = -k; d <= k; d++) p[d + k] = hi + d >= 0 && hi + d < h ? a + (long)(m + d * w) * P : zero;
+            float *restrict bm = b + (long)m * P;
+            for (int n = 0; n < P; n++) {
+                float v = p[k][n];
+                for (int d = 1; d <= k; d++) v += p[k - d][n] + p[k + d][n];
+                bm[n] = v;
+            }
+        }
+        src = b;
+        ld = P;
+    }
+    for (int m = 0; m < P; m++) { /* along wi, reduced at once */
+        const int wi = m % w;
+        p[0] = src + m * ld;
+        for (int d = 1, e = 1; d <= k; d++) {
+            p[e++] = wi - d >= 0 ? src + (m - d) * ld : zero;
+            p[e++] = wi + d < w ? src + (m + d) * ld : zero;
+        }
+        rows[m * rs] = reduce(p, 2 * k + 1, ik, iq[m], cols ? colmax : 0, P) * iq[m];
+    }
+    if (cols) for (int n = 0; n < P; n++) cols[n * cs] = colmax[n] * ik[n];
+}
+
+/* Every image pair (i, j) of a block G (bi query images × bj key images, P rows/columns each,
+   row stride ldg), every half-width ks[q]. iq + q·iqs + i·P: inverse norms of query image i,
+   likewise ik; rows[q, i, m, j] and cols[q, j, n, i] by the given strides (cols may be 0).
+   work: 2·P·P + (2·kmax + 4)·P + 2·kmax·w floats. */
+void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks,
+                   const float *iq, long iqs, const float *ik, long iks,
+                   float *rows, long r_q, long r_i, long r_m, long r_j,
+                   float *cols, long c_q, long c_j, long c_n, long c_i,
+                   int bi, int bj, float *work)
+{
+    const int P = h * w;
+    int kmax = 0;
+    for (int q = 0; q < nk; q++) kmax = ks[q] > kmax ? ks[q] : kmax;
+    float *a = work, *b = a + (long)P * P, *zero = b + (long)P * P, *colmax = zero + P;
+    float *mask = colmax + P, *t = mask + (2 * kmax + 1) * P + kmax * w;
+    memset(zero, 0, sizeof(float) * P);
+    memset(t - kmax * w, 0, sizeof(float) * kmax * w);
+    memset(t + P, 0, sizeof(float) * kmax * w);
+    for (int d = -kmax; d <= kmax; d++)
+        for (int n = 0; n < P; n++) { int e = n % w + d; mask[(d + kmax) * P + n] = e >= 0 && e < w; }
+    for (int i = 0; i < bi; i++)
+    for (int j = 0; j < bj; j++) {
+        const float *x = g + (long)i * P * ldg + (long)j * P;
+        for (int q = 0; q < nk; q++) {
+            const float *qi = iq + q * iqs + (long)i * P, *kj = ik + q * iks + (long)j * P;
+            const float *mk = mask + (kmax - ks[q]) * P;
+            float *ro = rows + q * r_q + i * r_i + j * r_j, *co = cols ? cols + q * c_q + j * c_j + i * c_i : 0;
+            switch (ks[q]) { /* constant k: the tap loops unroll and the row loops vectorize */
+            case 0: pair(x, ldg, h, w, 0, qi, kj, ro, r_m, co, c_n, a, b, t, mk, zero, colmax); break;
+            case 1: pair(x, ldg, h, w, 1, qi, kj, ro, r_m, co, c_n, a, b, t, mk, zero, colmax); break;
+            case 2: pair(x, ldg, h, w, 2, qi, kj, ro, r_m, co, c_n, a, b, t, mk, zero, colmax); break;
+            default: pair(x, ldg, h, w, ks[q], qi, kj, ro, r_m, co, c_n, a, b, t, mk, zero, colmax);
+            }
+        }
+    }
+}
+"""
+
+
+@functools.cache
+def _kernel() -> ctypes.CDLL | None:
+    """The kernel, compiled once per process (about a second) for this CPU; None without cc."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    tmp = tempfile.mkdtemp(prefix="musc-msm-")
+    src, lib = os.path.join(tmp, "box.c"), os.path.join(tmp, "box.so")
+    with open(src, "w") as f:
+        f.write(_KERNEL_SOURCE)
+    for flags in (["-march=native"], []):  # a compiler that does not know -march=native still works
+        run = subprocess.run([cc, "-O3", *flags, "-shared", "-fPIC", "-o", lib, src], capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+    else:
+        warnings.warn(f"MSM box_filter kernel did not compile ({run.stderr[-500:]}); using per_degree", stacklevel=2)
+        return None
+    dll = ctypes.CDLL(lib)
+    shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
+    dll.msm_box_pairs.restype = None
+    dll.msm_box_pairs.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+        ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_void_p, *[ctypes.c_long] * 4,
+        ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    ]
+    return dll
+
+
+class _BoxKernel:
+    """One block pair: its product G, then the kernel over its image pairs, writing rows (and,
+    symmetric, columns) straight into ``out``. Called from worker threads (ctypes releases
+    the GIL); block pairs write disjoint parts of ``out``."""
+
+    def __init__(self, degrees, grid, q_inv, k_inv, out):
+        self.lib, (self.h, self.w), self.out = _kernel(), grid, out
+        self.symmetric = k_inv is None
+        self.q_inv, self.k_inv = q_inv, q_inv if k_inv is None else k_inv
+        self.ks = torch.tensor([r // 2 for r in degrees], dtype=torch.int32)
+        p, kmax = self.h * self.w, int(self.ks.max())
+        self.work_size = 2 * p * p + (2 * kmax + 4) * p + 2 * kmax * self.w
+
+    def __call__(self, q_feats: torch.Tensor, k_feats: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+        if self.symmetric and i0 == j0:  # a diagonal block: its upper half as halves, no self-pairs
+            if i1 - i0 > 1:
+                mid = (i0 + i1) // 2
+                self(q_feats, k_feats, i0, mid, mid, i1)
+                self(q_feats, k_feats, i0, mid, i0, mid)
+                self(q_feats, k_feats, mid, i1, mid, i1)
+            return
+        # (bi·P)×C @ C×(bj·P) -> G: (bi·P)×(bj·P) float32, image pair (i, j) at rows i·P, columns j·P
+        g = (q_feats[i0:i1].flatten(0, 1) @ k_feats[j0:j1].flatten(0, 1).T).float()
+        out, work = self.out, torch.empty(self.work_size)
+        s_q, s_i, s_m, s_j = out.stride()
+        self.lib.msm_box_pairs(
+            g.data_ptr(), g.shape[1], self.h, self.w, len(self.ks), self.ks.data_ptr(),
+            self.q_inv[:, i0:].data_ptr(), self.q_inv.stride(0), self.k_inv[:, j0:].data_ptr(), self.k_inv.stride(0),
+            out[:, i0:, :, j0:].data_ptr(), s_q, s_i, s_m, s_j,  # rows[q, i, m, j]
+            out[:, j0:, :, i0:].data_ptr() if self.symmetric else None, s_q, s_i, s_m, s_j,  # cols[q, j, n, i]
+            i1 - i0, j1 - j0, work.data_ptr(),
+        )
 
 
 def interval_mean_distance(similarities: torch.Tensor, n_valid: int, interval: Interval | str) -> torch.Tensor:
@@ -257,7 +458,7 @@ def scores_by_degree(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
-    strategy: Strategy = "per_degree",
+    strategy: Strategy = "auto",
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.

@@ -22,6 +22,7 @@ old one — so readers never see a half-built catalog and it can always be rebui
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -40,8 +41,16 @@ from upath import UPath
 
 CATALOG_FILE = "catalog.duckdb"
 CATALOG_VIEWS = ".catalog_views.json"  # the views the catalog has, read without opening DuckDB
-#: Tables (asset names) exposed as views in the catalog.
-CATALOG_TABLES = ("image_manifest", "rscin_scores", "category_metrics")
+#: Views of the catalog -> the tables (asset names, globs allowed) each one unites.
+CATALOG_TABLES = {"image_manifest": "image_manifest", "rscin_scores": "rscin_scores",
+                  "category_metrics": "category_metrics",
+                  # every study's long table (study, setting, dataset, category, metric, value)
+                  "ablation_results": "study_*"}
+
+
+def catalog_view(table: str) -> str | None:
+    """The catalog view that shows ``table``, or None."""
+    return next((view for view, glob in CATALOG_TABLES.items() if fnmatch.fnmatchcase(table, glob)), None)
 
 
 @dataclass
@@ -115,8 +124,9 @@ class ParquetIOManager(_Base):
         pq.write_table(pa.Table.from_pandas(obj, preserve_index=False), sink)
         _atomic_write(path, sink.getvalue().to_pybytes())
         table = path.parent.parent.name  # <base>/<profile>/<table>/<dataset>/<category>.parquet
-        if table in CATALOG_TABLES and self._base_path.protocol in ("", "file", "local"):
-            ensure_catalog_view(self._base_path.path, table)
+        view = catalog_view(table)
+        if view and self._base_path.protocol in ("", "file", "local"):
+            ensure_catalog_view(self._base_path.path, view)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pd.DataFrame:
         with path.open("rb") as fh:
@@ -187,13 +197,13 @@ def rebuild_catalog(storage: str | os.PathLike) -> Path:
         con = duckdb.connect(str(tmp))
         views = []
         try:
-            for table in CATALOG_TABLES:
+            for view, table in CATALOG_TABLES.items():
                 if not any(base.glob(f"*/{table}/*/*.parquet")):
                     continue
-                views.append(table)
+                views.append(view)
                 pattern = str(base / "*" / table / "*" / "*.parquet").replace("'", "''")
                 con.execute(
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
+                    f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{pattern}', union_by_name = true)"
                 )
         finally:
             con.close()

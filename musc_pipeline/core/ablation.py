@@ -1,0 +1,219 @@
+"""Ablations by re-aggregation (paper §4.2 and appendix A.2): pure torch/numpy, no I/O.
+
+Everything MuSc does after the MSM products is cheap, so the studies keep the products' result
+and re-aggregate it instead of re-running the method:
+
+- MSM (Tab. 5 a–f, the selection percentage of Fig. 8, the interval start of Tab. 10): the
+  per-pair maxima of :func:`msm.max_similarities`, sorted once per image and patch::
+
+      S_{l,r}(i, m) = [max_n cos(Z_{l,r,i}[m], Z_{l,r,j}[n])]_{j ≠ i}   descending, N×L×R×P×(N−1)
+
+  The distances a_{i,m}(j) = √(2 − 2S) then ascend along the last axis, so every interval of
+  them reduced by min or max is one element, and by mean one difference of prefix sums
+  (:func:`prepare`, once per study): s_{l,r}(i, m) for any variant without a product.
+- Aggregation degrees (Tab. 3, Tab. 9): A(i, m) averages s_{l,r}(i, m) over a chosen set of r.
+- RsCIN (Tab. 5, Fig. 8, Tab. 11): re-scores image scores only (:func:`rscin_settings`).
+
+:func:`evaluate` is what the pipeline does from s_{l,r}(i, m) on (maps, image score c_i, RsCIN,
+metrics), so a re-aggregated setting and a fresh run of the same setting agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from musc_pipeline.core import maps, metrics, msm, rscin
+
+Reduce = Literal["mean", "min", "max"]
+#: The metrics of the paper's ablation tables: AC = image AUROC (and F1-max / AP for RsCIN),
+#: AS = pixel AUROC. Pixel F1-max, AP and PRO are left to ``category_metrics`` (each costs a
+#: sort of every pixel per setting).
+STUDY_METRICS = (*metrics.IMAGE_METRICS, "pixel_auroc")
+_CHUNK_IMAGES = 8  # images re-aggregated at a time: bounds the float64 working copy
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Which of the ascending distances a_{i,m}(j) are kept (``interval``) and how they are reduced."""
+
+    interval: msm.Interval
+    reduce: Reduce = "mean"
+
+
+#: Tab. 5: (a)–(c) over all N − 1 distances, (d)–(f) over the lowest 30 %; (f) is MuSc.
+MSM_VARIANTS: dict[str, Reduction] = {
+    "(a) min": Reduction((0.0, 1.0), "min"),
+    "(b) max": Reduction((0.0, 1.0), "max"),
+    "(c) mean": Reduction((0.0, 1.0), "mean"),
+    "(d) 30% + min": Reduction((0.0, 0.3), "min"),
+    "(e) 30% + max": Reduction((0.0, 0.3), "max"),
+    "(f) 30% + mean": Reduction((0.0, 0.3), "mean"),
+}
+#: Fig. 8: the mean of the lowest x % (x = 10 … 100).
+PERCENTAGES: dict[str, Reduction] = {f"{p}%": Reduction((0.0, p / 100)) for p in range(10, 101, 10)}
+#: Tab. 10: a 30 % wide interval moved away from the minimum.
+INTERVAL_STARTS: dict[str, Reduction] = {
+    f"[{a}%, {a + 30}%]": Reduction((a / 100, (a + 30) / 100)) for a in (0, 5, 10, 15, 20, 25)
+}
+
+
+def sorted_similarities(
+    stage_maps: Sequence[torch.Tensor],
+    groups: Sequence[Sequence[int]],
+    degrees: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+    memory_budget: int = msm.DEFAULT_MEMORY_BUDGET,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_{l,r}(i, m), descending, for every stage and degree, each subset scored on its own.
+
+    stage_maps: L tensors N×h×w×C (layer-normed Y_l); groups as in :func:`msm.score_stages`.
+    Returns (N×L×R×P×W float32 with W = largest subset − 1, padded with −inf for smaller
+    subsets; pool size N, int64: how many scoring images each image had).
+    """
+    n, h, w, _ = stage_maps[0].shape
+    degrees = tuple(degrees)
+    width = max(len(g) for g in groups) - 1
+    out = torch.full((n, len(stage_maps), len(degrees), h * w, width), -torch.inf, dtype=torch.float32)
+    pool = torch.zeros(n, dtype=torch.long)
+    for idx in groups:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        k = len(idx) - 1
+        for l, y in enumerate(stage_maps):
+            sims = msm.max_similarities(y[idx].to(device), None, degrees, memory_budget=memory_budget, dtype=dtype)
+            top = sims.sort(dim=-1, descending=True).values[..., :k]  # R×n×P×k, the −inf self-pair dropped
+            out[idx, l, :, :, :k] = top.permute(1, 0, 2, 3).cpu()
+            del sims, top
+        pool[idx] = k
+    return out, pool
+
+
+@dataclass(frozen=True)
+class SortedDistances:
+    """S with the prefix sums of its distances, so that every interval mean is one subtraction.
+
+    prefix[..., k] = Σ of the k smallest distances a_{i,m}(j) (float64: float32 sums of ~N values
+    would move a one-value interval by more than 1e-6). Padding (−inf similarity) is never read.
+    """
+
+    sims: torch.Tensor  # N×L×R×P×W float32, descending
+    pool: torch.Tensor  # N int64
+    prefix: torch.Tensor  # N×L×R×P×(W + 1) float64
+
+
+def _distances(sims: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * sims.double(), min=0.0))  # as msm.interval_mean_distance
+
+
+def prepare(sims: torch.Tensor, pool: torch.Tensor) -> SortedDistances:
+    """One pass over S (per study, not per setting): distances and their prefix sums."""
+    prefix = torch.zeros((*sims.shape[:-1], sims.shape[-1] + 1), dtype=torch.float64)
+    for start in range(0, sims.shape[0], _CHUNK_IMAGES):
+        stop = min(start + _CHUNK_IMAGES, sims.shape[0])
+        torch.cumsum(_distances(sims[start:stop]), dim=-1, out=prefix[start:stop, ..., 1:])
+    return SortedDistances(sims, pool, prefix)
+
+
+def reaggregate(dist: SortedDistances, reduction: Reduction) -> torch.Tensor:
+    """s_{l,r}(i, m) of one MSM variant. -> N×L×R×P float32.
+
+    The kept positions are :func:`msm.interval_slice` of each image's pool size, so
+    ``Reduction(interval)`` equals ``msm.score_stages(..., interval)``: min and max exactly,
+    the mean up to float64 rounding of the prefix sums (~1e-15).
+    """
+    n = dist.pool.shape[0]
+    lo, hi = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    for n_valid in dist.pool.unique().tolist():
+        keep = msm.interval_slice(n_valid, reduction.interval)
+        rows = dist.pool == n_valid
+        lo[rows], hi[rows] = keep.start, keep.stop
+
+    def at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # t[i, ..., k_i] -> N×L×R×P
+        index = k.view(n, 1, 1, 1, 1).expand(*t.shape[:-1], 1)
+        return t.gather(-1, index)[..., 0]
+
+    if reduction.reduce == "min":
+        out = _distances(at(dist.sims, lo))
+    elif reduction.reduce == "max":
+        out = _distances(at(dist.sims, hi - 1))
+    else:
+        out = (at(dist.prefix, hi) - at(dist.prefix, lo)) / (hi - lo).double().view(n, 1, 1, 1)
+    return out.float()
+
+
+def degree_sets(stored: Sequence[int], extra: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Tab. 3: every non-empty subset of the stored degrees; Tab. 9: the stored set plus each
+    extra degree in turn ({1, 3, 5, 7}, {1, 3, 5, 7, 9}). Names like "{1, 3}"."""
+    stored, sets = tuple(stored), []
+    for mask in range(1, 2 ** len(stored)):
+        sets.append(tuple(r for b, r in enumerate(stored) if mask >> b & 1))
+    sets.sort(key=lambda s: (len(s), s))
+    sets += [stored + tuple(extra[: i + 1]) for i in range(len(extra))]
+    return {"{" + ", ".join(map(str, s)) + "}": s for s in sets}
+
+
+def select_degrees(scores: torch.Tensor, degrees: Sequence[int], chosen: Sequence[int]) -> torch.Tensor:
+    """The degrees ``chosen`` of s_{l,r}(i, m). scores: N×L×R×P (R = ``degrees``) -> N×L×|chosen|×P."""
+    missing = [r for r in chosen if r not in degrees]
+    if missing:
+        raise ValueError(f"degrees {missing} were not computed (have {list(degrees)})")
+    return scores[:, :, [list(degrees).index(r) for r in chosen]]
+
+
+def rscin_settings(windows: Sequence[int]) -> dict[str, tuple[int, ...] | None]:
+    """RsCIN variants (Tab. 5 on/off, Fig. 8 single / full / multi window). None = without RsCIN;
+    () = the full window k = N, no mask. ``windows``: the dataset's default multi-window."""
+    windows = tuple(windows)
+    wide = tuple(k for k in windows if k > 1)
+    out: dict[str, tuple[int, ...] | None] = {"w/o RsCIN": None}
+    out |= {f"single window {{{k}}}": (k,) for k in wide}
+    out["full window (k = N)"] = ()
+    if wide != windows:
+        out["multi-window {" + ", ".join(map(str, wide)) + "} (paper's text)"] = wide
+    out["multi-window {" + ", ".join(map(str, windows)) + "} (default)"] = windows
+    return out
+
+
+def rescore(scores: torch.Tensor, class_tokens: torch.Tensor, windows: tuple[int, ...] | None,
+            precision: str = "float32") -> torch.Tensor:
+    """Image scores after one RsCIN variant (``rscin_settings``). scores: N -> N float64."""
+    if windows is None:
+        return scores.double()
+    return rscin.rescore(scores, class_tokens, windows or (len(scores),), precision)
+
+
+def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np.ndarray | None = None,
+                  amaps: np.ndarray | None = None) -> dict[str, float]:
+    """STUDY_METRICS (NaN where undefined): image metrics on ``image_scores``, pixel AUROC on the
+    maps — the same calls as ``category_metrics``."""
+    values = {k: math.nan for k in STUDY_METRICS}
+    if labels is not None:
+        values |= metrics.image_metrics(labels, image_scores).values
+    if masks is not None and amaps is not None and masks.any() and not masks.all():
+        values["pixel_auroc"] = float(roc_auc_score(masks.ravel(), amaps.ravel().astype(np.float64)))
+    return values
+
+
+def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, class_tokens: torch.Tensor,
+             windows: Sequence[int], labels: np.ndarray | None, masks: np.ndarray | None,
+             precision: str = "float32", smoothing_sigma: float = 0.0, image_score: str = "max",
+             image_score_q: float = 0.01) -> dict[str, float]:
+    """The pipeline from s_{l,r}(i, m) on: maps, c_i, RsCIN, STUDY_METRICS. scores: N×L×R×P.
+
+    Also returns ``rescore_s`` (maps and RsCIN) and ``evaluate_s`` (metrics), in seconds.
+    """
+    t0 = time.perf_counter()
+    amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma, image_score, image_score_q)  # N×S×S, N
+    final = rscin.rescore(c, class_tokens, tuple(windows), precision)
+    t1 = time.perf_counter()
+    values = score_metrics(labels, final.numpy(), masks, amaps.numpy())
+    return values | {"rescore_s": t1 - t0, "evaluate_s": time.perf_counter() - t1}

@@ -1,0 +1,228 @@
+"""Ablation studies (issue #12): re-aggregation equals fresh runs, the Dagster assets and jobs,
+the ``ablation_results`` view, and the study pages in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dagster import AssetKey, DagsterInstance
+
+from conftest import DEMO, make_category
+from musc_pipeline.core import ablation, lnamd, maps, metrics, msm, rscin, subsets
+from musc_pipeline.definitions import build_definitions
+from musc_pipeline.reports.studies import STUDIES, page_name
+from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings, StudySettings
+from test_reports import dump_dom
+
+TOL = 1e-6
+PIPELINE = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps", "rscin_scores"]
+
+
+def _maps(n: int = 9, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [lnamd.layer_norm_map(torch.randn(n, 5, 5, 16, generator=g)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_reaggregated_intervals_equal_fresh_msm_runs(s):
+    ys = _maps()
+    groups = subsets.divide(["good"] * 5 + ["bad"] * 4, s)
+    sims, pool = ablation.sorted_similarities(ys, groups, (1, 3, 5))
+    assert sims.shape == (9, 2, 3, 25, max(len(g) for g in groups) - 1)
+    dist = ablation.prepare(sims, pool)
+    chosen = [ablation.PERCENTAGES[k] for k in ("10%", "50%", "100%")] + [ablation.INTERVAL_STARTS["[25%, 55%]"]]
+    for reduction in chosen:
+        fresh = msm.score_stages(ys, groups, (1, 3, 5), reduction.interval)
+        assert torch.allclose(ablation.reaggregate(dist, reduction), fresh, rtol=0, atol=TOL), reduction
+
+
+def test_msm_variants_follow_their_definition():
+    """Tab. 5: min / max / mean over all N − 1 distances or over the lowest 30 %."""
+    ys = _maps(n=11)
+    prepared = ablation.prepare(*ablation.sorted_similarities(ys, [np.arange(11)], (1,)))
+    sim = msm.max_similarities(ys[0], None, (1,))[0]  # N×P×N, self −inf
+    dist = torch.sqrt(torch.clamp(2 - 2 * sim.double(), min=0)).sort(dim=-1).values[..., :10]  # ascending, self dropped
+    k = msm.interval_slice(10, (0, 0.3)).stop  # 3 lowest
+    expected = {"(a) min": dist[..., 0], "(b) max": dist[..., -1], "(c) mean": dist.mean(-1),
+                "(d) 30% + min": dist[..., 0], "(e) 30% + max": dist[..., k - 1], "(f) 30% + mean": dist[..., :k].mean(-1)}
+    for name, reduction in ablation.MSM_VARIANTS.items():
+        got = ablation.reaggregate(prepared, reduction)[:, 0, 0]
+        assert torch.allclose(got.double(), expected[name], atol=TOL), name
+
+
+def test_degree_sets_and_rscin_settings():
+    sets = ablation.degree_sets((1, 3, 5), (7, 9))
+    assert list(sets) == ["{1}", "{3}", "{5}", "{1, 3}", "{1, 5}", "{3, 5}", "{1, 3, 5}", "{1, 3, 5, 7}", "{1, 3, 5, 7, 9}"]
+    assert ablation.rscin_settings((1, 8, 9)) == {
+        "w/o RsCIN": None, "single window {8}": (8,), "single window {9}": (9,), "full window (k = N)": (),
+        "multi-window {8, 9} (paper's text)": (8, 9), "multi-window {1, 8, 9} (default)": (1, 8, 9)}
+    with pytest.raises(ValueError, match=r"degrees \[7\] were not computed"):
+        ablation.select_degrees(torch.zeros(2, 1, 3, 4), (1, 3, 5), (1, 7))
+
+
+# --------------------------------------------------------------------------- the Dagster assets
+
+
+@pytest.fixture(scope="module")
+def studied(tmp_path_factory):
+    """One tiny category through the pipeline and every study, then the study pages."""
+    tmp = tmp_path_factory.mktemp("studies")
+    root = tmp / "data"
+    make_category(root, "cat1", n=4)
+    train = root / "cat1" / "train" / "good"  # few-shot references: normal images not in test/
+    train.mkdir(parents=True)
+    for i in range(10, 18):
+        shutil.copy(DEMO / "PA_BDP01_TL" / "test" / "good" / f"{i:03d}.png", train / f"{i:03d}.png")
+    imported = tmp / "other_method.parquet"
+    paths = sorted(str(p) for p in (root / "cat1" / "test").rglob("*.png"))
+    pd.DataFrame({"path": paths, "score": np.random.default_rng(0).random(len(paths))}).to_parquet(imported)
+    settings = Settings(
+        storage=str(tmp / "store"), reports_dir=str(tmp / "reports"),
+        datasets={"mini": DatasetSettings(root=str(root))},
+        profiles={"musc": ProfileSettings(backbone=BackboneSettings(name="efficientnet_lite0", image_size=224))},
+        studies=StudySettings(imported_scores={"other": str(imported)}),
+    )
+    defs = build_definitions(settings)
+    instance = DagsterInstance.ephemeral()
+    assert defs.resolve_job_def("musc_categories").execute_in_process(
+        partition_key="mini/cat1", instance=instance,
+        asset_selection=[AssetKey(["musc", n]) for n in PIPELINE]).success
+    result = defs.resolve_job_def("studies").execute_in_process(partition_key="mini/cat1", instance=instance)
+    assert result.success
+    assert defs.resolve_job_def("study_pages").execute_in_process(instance=instance).success
+    return settings, result
+
+
+def _table(settings: Settings, study: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(settings.storage) / "musc" / f"study_{study}" / "mini" / "cat1.parquet")
+
+
+def _stored(settings: Settings, asset: str) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(settings.storage) / "musc" / asset / "mini" / "cat1.safetensors"))
+
+
+def _fresh(settings, degrees, interval, s=1, windows=(1, 2, 3)) -> dict[str, float]:
+    """A direct recomputation: MSM from the LNAMD maps, maps, RsCIN, metrics."""
+    from musc_pipeline.assets.metrics import ground_truth
+
+    ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
+    tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
+    manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
+    scores = msm.score_stages(ys, subsets.divide(list(manifest["defect_type"]), s), degrees, interval)
+    amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
+    labels = manifest["label"].to_numpy(int)
+    values = metrics.image_metrics(labels, rscin.rescore(c, tokens, windows).numpy()).values
+    px = metrics.pixel_metrics(ground_truth(manifest, 224, "authors_mvtec"), amaps.numpy()).values
+    return values | {"pixel_auroc": px["pixel_auroc"]}
+
+
+def _values(df: pd.DataFrame, setting: str) -> dict[str, float]:
+    part = df[df["setting"] == setting]
+    assert len(part), f"no rows for {setting!r}: {sorted(df['setting'].unique())}"
+    return dict(zip(part["metric"], part["value"]))
+
+
+@pytest.mark.parametrize("study, setting, degrees, interval, s", [
+    ("percentage", "50%", (1, 3, 5), (0.0, 0.5), 1),
+    ("interval_start", "[10%, 40%]", (1, 3, 5), (0.1, 0.4), 1),
+    ("msm_variants", "(c) mean", (1, 3, 5), (0.0, 1.0), 1),
+    ("degrees", "{1, 5}", (1, 5), (0.0, 0.3), 1),
+    ("degrees", "{1, 3, 5, 7, 9}", (1, 3, 5, 7, 9), (0.0, 0.3), 1),
+    ("subsets", "s = 3", (1, 3, 5), (0.0, 0.3), 3),
+])
+def test_study_numbers_equal_a_direct_recomputation(studied, study, setting, degrees, interval, s):
+    settings, _ = studied
+    got, fresh = _values(_table(settings, study), setting), _fresh(settings, degrees, interval, s)
+    for metric, value in fresh.items():
+        assert abs(got[metric] - value) <= TOL, (metric, got[metric], value)
+
+
+def test_rscin_studies_equal_a_direct_rescoring(studied):
+    settings, _ = studied
+    scores = pd.read_parquet(Path(settings.storage) / "musc" / "rscin_scores" / "mini" / "cat1.parquet")
+    tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
+    labels = scores["label"].to_numpy(int)
+    c = torch.from_numpy(scores["score_msm"].to_numpy(copy=True))
+    table = _table(settings, "rscin")
+    for setting, windows in [("single window {2}", (2,)), ("full window (k = N)", (len(c),)),
+                             ("multi-window {1, 2, 3} (default)", (1, 2, 3))]:
+        expected = metrics.image_metrics(labels, rscin.rescore(c, tokens, windows).numpy()).values
+        got = _values(table, setting)
+        assert all(abs(got[k] - v) <= TOL for k, v in expected.items()), setting
+    assert _values(table, "w/o RsCIN")["image_auroc"] == pytest.approx(
+        metrics.image_metrics(labels, c.numpy()).values["image_auroc"], abs=TOL)
+    stored = scores["score_rscin"].to_numpy()  # the pipeline's own RsCIN = the default setting
+    assert _values(table, "multi-window {1, 2, 3} (default)")["image_auroc"] == pytest.approx(
+        metrics.image_metrics(labels, stored).values["image_auroc"], abs=TOL)
+    plugin = _table(settings, "rscin_plugin")
+    imported = pd.read_parquet(settings.studies.imported_scores["other"]).set_index("path").loc[scores["path"], "score"]
+    expected = metrics.image_metrics(labels, rscin.rescore(torch.from_numpy(imported.to_numpy(copy=True)), tokens, (1, 2, 3)).numpy())
+    assert _values(plugin, "other: w RsCIN")["image_auroc"] == pytest.approx(expected.values["image_auroc"], abs=TOL)
+    assert set(plugin["setting"]) == {"musc (MSM image score): w/o RsCIN", "musc (MSM image score): w RsCIN",
+                                      "other: w/o RsCIN", "other: w RsCIN"}
+
+
+def test_ablation_results_view_and_metadata(studied):
+    settings, result = studied
+    con = duckdb.connect(str(Path(settings.storage) / "catalog.duckdb"), read_only=True)
+    try:
+        got = dict(con.execute("SELECT study, count(DISTINCT setting) FROM ablation_results GROUP BY study").fetchall())
+    finally:
+        con.close()
+    assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4,
+                   "subsets": 3, "fewshot": 9}
+    materializations = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+    recomputed = {m.asset_key.path[-1]: m.metadata.get("recomputed") for m in materializations}
+    assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value
+    assert recomputed["study_percentage"].value.startswith("nothing")
+    subsets_table = _table(settings, "subsets")
+    timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
+    assert len(timing) == 6 and (timing["value"] > 0).all()
+    assert _values(subsets_table, "s = 3")["subset_max"] == 4  # 8 images: 4, 2, 2 (types dealt in runs of 3)
+
+
+def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):
+    settings, _ = studied
+    reports = Path(settings.reports_dir)
+    assert (reports / "studies.html").is_file()
+    for study in STUDIES:
+        dom = dump_dom(tmp_path, reports / page_name(study.name))
+        assert study.title in dom and 'class="metrics study"' in dom, study.name
+        assert "Profile <code>musc</code> on <code>mini</code>" in dom
+        if study.plot_x:
+            png = reports / f"study_{study.name}.png"
+            assert png.is_file() and png.stat().st_size > 5_000 and f'src="{png.name}"' in dom
+    dom = dump_dom(tmp_path, reports / page_name("msm_variants"))
+    assert "(f) 30% + mean" in dom and "The paper has no numbers" in dom  # mini is not a paper dataset
+
+
+@pytest.mark.parametrize("setting, mode, k", [("MuSc k = 2", "few_shot", 2), ("MuSc+ k = 4", "musc_plus", 4)])
+def test_fewshot_equals_a_direct_run_with_the_same_references(studied, setting, mode, k):
+    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.study_runs import reference_images
+    from musc_pipeline.resources.backbone import ModelResource
+    from musc_pipeline.resources.datasets import read_image
+
+    settings, _ = studied
+    refs = reference_images(settings.datasets["mini"].root, "cat1", 42, 8)[:k]
+    assert len(refs) == k and all("train" in str(f) for f in refs)
+    emb = ModelResource().embed(settings.profiles["musc"].backbone, (read_image(f) for f in refs), k)
+    ref_maps = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
+    ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
+    manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
+    scores = msm.score_stages(ys, [np.arange(len(manifest))], (1, 3, 5), references=ref_maps, mode=mode)
+    amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
+    tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
+    expected = metrics.image_metrics(manifest["label"].to_numpy(int), rscin.rescore(c, tokens, (1, 2, 3)).numpy()).values
+    expected["pixel_auroc"] = metrics.pixel_metrics(ground_truth(manifest, 224, "authors_mvtec"), amaps.numpy()).values["pixel_auroc"]
+    got = _values(_table(settings, "fewshot"), setting)
+    for metric, value in expected.items():
+        assert abs(got[metric] - value) <= TOL, (metric, got[metric], value)
