@@ -489,8 +489,8 @@ def test_unknown_backbone_name_lists_known_names(tmp_path):
     settings = small_settings(tmp_path, tmp_path / "data")
     profile = ProfileSettings(backbone=BackboneSettings(name="vit_typo"))
     pattern = r"unknown backbone 'vit_typo'; known backbones: .*ViT-L-14-336.*efficientnet_lite0"
-    with pytest.raises(ValueError, match=pattern):
-        build_definitions(settings.model_copy(update={"profiles": {"musc": profile}}))
+    # the code location still loads (only this profile is unusable: tests/test_profiles.py)
+    build_definitions(settings.model_copy(update={"profiles": {"musc": profile}}))
     with pytest.raises(ValueError, match=pattern):
         load_extractor(profile.backbone)
     assert not Path(settings.storage).exists()
