@@ -45,7 +45,7 @@ STUDY_INPUTS = {"degrees": ("msm_scores_extra_degrees",), "msm_variants": ("msm_
 
 def study_jobs(settings: Settings) -> list:
     """A job per study (every profile, the study and its inputs; run it for chosen partitions),
-    ``studies`` (all of them) and ``study_pages`` (the HTML pages). The pipeline's stages must be
+    ``studies`` (all of them) and ``study_report`` (the ``study_pages`` HTML asset; a job may not share an asset's name). The pipeline's stages must be
     materialized for those partitions (``make demo``)."""
     def keys(study: str) -> list[AssetKey]:
         return [AssetKey([p, a]) for p in settings.profiles for a in (*STUDY_INPUTS.get(study, ()), f"study_{study}")]
@@ -55,7 +55,7 @@ def study_jobs(settings: Settings) -> list:
             for s in STUDIES]
     jobs.append(define_asset_job(name="studies", selection=AssetSelection.assets(*[k for s in STUDIES for k in keys(s)]),
                                  description="Every ablation study for the chosen partitions, every profile."))
-    jobs.append(define_asset_job(name="study_pages", selection=AssetSelection.assets(AssetKey("study_pages")),
+    jobs.append(define_asset_job(name="study_report", selection=AssetSelection.assets(AssetKey("study_pages")),
                                  description="Render the study pages (reports/study_*.html) from the studies' tables."))
     return jobs
 

@@ -56,7 +56,7 @@ def main() -> int:
         start = time.perf_counter()
         result = job.execute_in_process(partition_key=key, instance=instance, run_config=quiet, raise_on_error=True)
         print(f"studies {key}: {'ok' if result.success else 'FAILED'} in {time.perf_counter() - start:.0f} s", flush=True)
-    defs.resolve_job_def("study_pages").execute_in_process(instance=instance, run_config=quiet, raise_on_error=True)
+    defs.resolve_job_def("study_report").execute_in_process(instance=instance, run_config=quiet, raise_on_error=True)
     rebuild_catalog(settings.storage)
 
     con = duckdb.connect(str(Path(settings.storage) / "catalog.duckdb"), read_only=True)

@@ -32,6 +32,7 @@ def _materialize(defs, names, instance, key="mini/cat1"):
 
 def test_definitions_load_with_demo_partitions():
     defs = build_definitions(load_settings(REPO / "musc.yaml"))
+    defs.get_repository_def()  # what `dagster dev` loads: every job at once (names must not clash with assets)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     for profile in ("musc", "random_vit"):

@@ -95,7 +95,7 @@ def studied(tmp_path_factory):
         asset_selection=[AssetKey(["musc", n]) for n in PIPELINE]).success
     result = defs.resolve_job_def("studies").execute_in_process(partition_key="mini/cat1", instance=instance)
     assert result.success
-    assert defs.resolve_job_def("study_pages").execute_in_process(instance=instance).success
+    assert defs.resolve_job_def("study_report").execute_in_process(instance=instance).success
     return settings, result
 
 
