@@ -69,6 +69,11 @@ def image_tensor(
     return (x - m) / s
 
 
+def resize_description(interpolation: str, size: int) -> str:
+    """How :func:`image_tensor` resizes, in words: recorded with every run and compared with the authors'."""
+    return f"PIL {interpolation} resize of the RGB image to {size}×{size}"
+
+
 def resolve_mask_rule(rule: str, layout: str) -> str:
     """``auto`` -> the authors' rule for the paper datasets' layouts, else ``nearest``."""
     if rule == "auto":

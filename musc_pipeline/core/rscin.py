@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 WINDOWS_BY_DATASET = {"mvtec_ad": (1, 2, 3), "visa": (1, 8, 9)}
@@ -63,7 +62,7 @@ def rescore(
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
         raise ValueError("RsCIN needs L2-normalised class tokens (SPEC §5); "
                          f"got norms from {norms.min():.4g} to {norms.max():.4g}")
-    t = class_tokens.detach().cpu().numpy().astype(np.dtype(str(dtype).removeprefix("torch.")))
+    t = class_tokens.detach().cpu().to(dtype).numpy()
     w = torch.from_numpy(t @ t.T)  # N×N cosine similarities, W_ii = 1
     c = min_max(scores).to(dtype)
     per_window = []

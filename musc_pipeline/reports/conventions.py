@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from musc_pipeline.core import backbone as bb
-from musc_pipeline.core.preprocess import resolve_mask_rule
+from musc_pipeline.core.preprocess import resize_description, resolve_mask_rule
 
 NOT_RECORDED = "not recorded (materialized before conventions were recorded)"
 
@@ -33,7 +33,7 @@ def _authors(row: dict, layout: str) -> dict[str, str | None]:
     else:
         pos = "bicubic, align_corners=False, no antialias (authors)"
     return {
-        "image resize": f"PIL {spec.interpolation} resize of the RGB image to {size}×{size}" if theirs else None,
+        "image resize": resize_description(spec.interpolation, size) if theirs else None,
         "position embeddings": pos,
         "activation": bb.resolve_activation(spec, size, "auto") if theirs else None,
         "backbone precision": ("float16_autocast" if on_gpu else "float32") if theirs else None,

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from musc_pipeline.core import backbone as bb
+from musc_pipeline.core.preprocess import resize_description
 from musc_pipeline.settings import BackboneSettings
 
 OFFLINE_DEFAULT = "efficientnet_lite0"
@@ -212,7 +213,7 @@ def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Ide
     with _without_open_clip_random_notice():
         extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
     identity = Identity(name, source, sha, loader is None, size, extractor.activation, package,
-                        preprocess=f"PIL {spec.interpolation} resize of the RGB image to {size}×{size}",
+                        preprocess=resize_description(spec.interpolation, size),
                         pos_embed_resize=_pos_embed_resize(spec, size, loader is None),
                         precision="float32")
     return extractor, identity
