@@ -94,6 +94,9 @@ class ProfileSettings(_Strict):
     backbone: BackboneSettings = BackboneSettings()
     method: MethodSettings = MethodSettings()
     description: str = ""
+    # keep: store every stage's result | drop: drop the LNAMD inputs Y_l (most of the bytes) once a
+    # category is scored; whatever needs them later (a re-run, a study) re-embeds the images
+    intermediates: Literal["keep", "drop"] = "keep"
 
 
 class StudySettings(_Strict):

@@ -87,7 +87,11 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
     from dagster import DagsterInstance
     from safetensors.numpy import load_file
 
+    from upath import UPath
+
     from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.scoring import full_maps
+    from musc_pipeline.resources.storage import ArrayIOManager
     from musc_pipeline.definitions import build_definitions
     from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings
 
@@ -111,7 +115,8 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
     store = Path(settings.storage) / "parity"
     features = load_file(str(store / "backbone_features" / "demo" / "PA_BDP01_TL.safetensors"))
     msm_out = load_file(str(store / "msm_scores" / "demo" / "PA_BDP01_TL.safetensors"))
-    maps_out = load_file(str(store / "anomaly_maps" / "demo" / "PA_BDP01_TL.safetensors"))
+    maps_file = store / "anomaly_maps" / "demo" / "PA_BDP01_TL.safetensors"
+    maps_out = ArrayIOManager(base_path=UPath(store)).load_from_path(None, UPath(maps_file))
     scores = pd.read_parquet(store / "rscin_scores" / "demo" / "PA_BDP01_TL.parquet")
     row = pd.read_parquet(store / "category_metrics" / "demo" / "PA_BDP01_TL.parquet").iloc[0]
     manifest = pd.read_parquet(store / "image_manifest" / "demo" / "PA_BDP01_TL.parquet")
@@ -123,8 +128,8 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
     return {
         "class tokens": float(np.abs(features["class_tokens"] - expected["class_embeddings"]).max()),
         "MSM patch scores": float(np.abs(msm_out["scores"] - expected["msm_patch_scores"]).max()),
-        "anomaly maps": float(np.abs(maps_out["maps"] - expected["maps"]).max()),
-        "image scores": float(np.abs(maps_out["image_scores"] - expected["image_scores"]).max()),
+        "anomaly maps": float(np.abs(full_maps(maps_out) - expected["maps"]).max()),
+        "image scores": float(np.abs(maps_out.arrays["image_scores"] - expected["image_scores"]).max()),
         "RsCIN scores": float(np.abs(scores["score_rscin"].to_numpy() - expected["rscin_scores"]).max()),
         "mask pixels differing": float((gt != expected["masks"]).sum()),
         "metrics": max(abs(float(row[k]) - authors_metrics[k]) for k in METRICS),

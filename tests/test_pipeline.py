@@ -147,7 +147,7 @@ def test_cli_materialize_one_partition(tmp_path, mini_root):
                 for e in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
                 if e.dagster_event.event_specific_data and "pid" in e.dagster_event.event_specific_data.metadata}
         steps = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
-    assert len(pids) == 1 and len(steps) == 7
+    assert len(pids) == 1 and len(steps) == 6  # backbone_features and lnamd_features are one step
 
 
 def test_every_job_runs_in_one_process_and_the_manifest_builds_no_model(tmp_path, mini_root):

@@ -353,7 +353,7 @@ def test_grayscale_rgba_16bit_and_palette_images_are_converted(odd_run):
     assert {"L", "RGBA", "I;16", "P", "RGB"} <= set(manifest["mode"])
     assert (manifest[["width", "height"]] == 128).all().all()
     maps = load_file(str(asset_file(odd_run.settings, "anomaly_maps", odd_run.key)))
-    assert maps["maps"].shape[0] == len(manifest) == 9 and np.isfinite(maps["maps"]).all()
+    assert maps["patch_maps"].shape[0] == len(manifest) == 9 and np.isfinite(maps["patch_maps"]).all()
     metrics = pd.read_parquet(asset_file(odd_run.settings, "category_metrics", odd_run.key)).iloc[0]
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0  # masks (one stored as RGB) were read
 
@@ -586,7 +586,7 @@ def test_non_finite_features_name_the_image_and_stop_the_partition(tmp_path, poi
     settings = small_settings(tmp_path, root)
     step, message = failure(run_job(settings, "mini/cat", names=PER_CATEGORY[:4],
                                      model=_PoisonedModel(poison=poison, index=index)))
-    assert step == "musc__backbone_features"
+    assert step == "musc__embed"
     paths = pd.read_parquet(asset_file(settings, "image_manifest", "mini/cat"))["path"]
     assert paths[index] in message and "NaN/inf" in message, message
     assert not any(p in message for i, p in enumerate(paths) if i != index)

@@ -113,7 +113,7 @@ def _fresh(settings, degrees, interval, s=1, windows=(1, 2, 3)) -> dict[str, flo
     """A direct recomputation: MSM from the LNAMD maps, maps, RsCIN, metrics."""
     from musc_pipeline.assets.metrics import ground_truth
 
-    ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
+    ys = [torch.from_numpy(a).float() for _, a in sorted(_stored(settings, "lnamd_features").items())]
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
     manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
     scores = msm.score_stages(ys, subsets.divide(list(manifest["defect_type"]), s), degrees, interval)
@@ -216,7 +216,7 @@ def test_fewshot_equals_a_direct_run_with_the_same_references(studied, setting, 
     assert len(refs) == k and all("train" in str(f) for f in refs)
     emb = ModelResource().embed(settings.profiles["musc"].backbone, (read_image(f) for f in refs), k)
     ref_maps = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
-    ys = [torch.from_numpy(a) for _, a in sorted(_stored(settings, "lnamd_features").items())]
+    ys = [torch.from_numpy(a).float() for _, a in sorted(_stored(settings, "lnamd_features").items())]
     manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
     scores = msm.score_stages(ys, [np.arange(len(manifest))], (1, 3, 5), references=ref_maps, mode=mode)
     amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)

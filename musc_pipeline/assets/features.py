@@ -1,4 +1,12 @@
-"""Per-category assets from images to features: image_manifest, backbone_features, lnamd_features."""
+"""Per-category assets from images to features: image_manifest, then backbone_features and
+lnamd_features from one pass of the backbone.
+
+The raw stage taps F_l are never stored: every reader needs only LNAMD's input
+Y_l = LayerNorm(F_l), a cheap deterministic step from them, so one step embeds the images and
+stores Y_l (float16: the parity tests hold at that precision) beside the class tokens. With
+``intermediates: drop`` the Y_l arrays are dropped once the category is scored
+(:func:`drop_intermediates`), and readers recompute them on demand (:func:`lnamd_inputs`).
+"""
 
 import json
 
@@ -9,10 +17,13 @@ from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
+    AssetObservation,
+    AssetOut,
     AssetsDefinition,
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
@@ -20,9 +31,12 @@ from musc_pipeline.assets.metadata import progress_logger, table_metadata, timin
 from musc_pipeline.core import lnamd
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.datasets import read_image, scan_category
-from musc_pipeline.resources.model import measure
+from musc_pipeline.resources.model import Embedded, measure
 from musc_pipeline.resources.weights import locate_weights
-from musc_pipeline.resources.storage import ArrayBundle
+from musc_pipeline.resources.storage import ArrayBundle, ArrayIOManager
+
+#: How Y_l is stored: float16 halves the largest stored array; parity holds (tests/test_parity.py).
+LNAMD_STORAGE_DTYPE = np.float16
 
 
 def image_manifest_asset(p: ProfileContext) -> AssetsDefinition:
@@ -54,56 +68,93 @@ def image_manifest_asset(p: ProfileContext) -> AssetsDefinition:
     return image_manifest
 
 
-def backbone_features_asset(p: ProfileContext) -> AssetsDefinition:
-    @asset(name="backbone_features", io_manager_key="arrays", ins={"manifest": AssetIn(p.key("image_manifest"))},
-           kinds={"pytorch", "safetensors"}, pool=MODEL_POOL,
-           check_specs=[p.check_spec("backbone_features", "features_shape", "one row per image, all taps on one grid")],
-           **p.asset_args("features"))
-    def backbone_features(context: AssetExecutionContext, model: ModelResource, manifest: pd.DataFrame):
-        """Patch tokens of the 4 stage taps (tap0..tap3, N×h×w×C) and class tokens (N×D)."""
+def embed_stage_maps(p: ProfileContext, model: ModelResource, manifest: pd.DataFrame,
+                     progress=None) -> tuple[Embedded, dict[str, np.ndarray], dict]:
+    """Embed the manifest's images: the embedding, the stored form of Y_l (``y0``..``y3``), and
+    the LayerNorm step's timing. Non-finite features stop it with the files that caused them."""
+    images = (read_image(path) for path in manifest["path"])
+    emb = model.embed(p.profile.backbone, images, len(manifest), progress)
+    for name, v in [(f"tap{i}", t) for i, t in enumerate(emb.taps)] + [("class_tokens", emb.class_tokens)]:
+        bad = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+        if bad.any():
+            files = ", ".join(manifest["path"][bad].head(5))
+            raise ValueError(f"backbone {emb.identity.backbone} produced NaN/inf features ({name}) for: {files}")
+    with measure(torch.device("cpu")) as measured:
+        ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(t)).numpy().astype(LNAMD_STORAGE_DTYPE)
+              for i, t in enumerate(emb.taps)}
+    return emb, ys, measured.per_image(len(manifest))
+
+
+def lnamd_inputs(p: ProfileContext, lnamd_maps: ArrayBundle, model: ModelResource,
+                 manifest: pd.DataFrame) -> list[torch.Tensor]:
+    """Y_l of the four stages as float32 tensors: from the stored bundle, or recomputed from the
+    images when ``intermediates: drop`` dropped them (the same values: same weights, same steps)."""
+    arrays = lnamd_maps.arrays
+    if "dropped" in lnamd_maps.meta:
+        arrays = embed_stage_maps(p, model, manifest)[1]
+    return [torch.from_numpy(arrays[f"y{i}"]).float() for i in range(4)]
+
+
+def embedding_assets(p: ProfileContext) -> AssetsDefinition:
+    args = p.asset_args("features")
+    unusable = args.get("description")
+
+    @multi_asset(
+        name=f"{p.name}__embed", group_name=args["group_name"], partitions_def=args["partitions_def"], pool=MODEL_POOL,
+        ins={"manifest": AssetIn(p.key("image_manifest"))},
+        outs={
+            "backbone_features": AssetOut(
+                key=p.key("backbone_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"},
+                code_version=p.versions["features"],
+                description=unusable or "Class tokens (N×D) and the backbone identity (patch tokens: lnamd_features)"),
+            "lnamd_features": AssetOut(
+                key=p.key("lnamd_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"},
+                code_version=p.versions["lnamd"],
+                description=unusable or "LNAMD input per stage: Y_l = LayerNorm(F_l) of the patch tokens, N×h×w×C"),
+        },
+        check_specs=[p.check_spec("lnamd_features", "features_shape", "one row per image, all stages on one grid")],
+    )
+    def embed(context: AssetExecutionContext, model: ModelResource, manifest: pd.DataFrame):
+        """One pass of the backbone: class tokens to ``backbone_features``, Y_l to ``lnamd_features``.
+
+        Z_{l,r} = B_r(Y_l)/‖B_r(Y_l)‖ for every degree r is one cheap linear step from Y_l
+        (:func:`musc_pipeline.core.lnamd.aggregate`); MSM scores all degrees from Y_l with one
+        product per image pair, so Y_l is what is stored.
+        """
         p.ensure_usable()
-        images = (read_image(path) for path in manifest["path"])
-        emb = model.embed(p.profile.backbone, images, len(manifest), progress_logger(context, "images embedded"))
-        arrays = {f"tap{i}": t for i, t in enumerate(emb.taps)} | {"class_tokens": emb.class_tokens}
-        for k, v in arrays.items():
-            bad = ~np.isfinite(v.reshape(len(v), -1)).all(axis=1)
-            if bad.any():
-                files = ", ".join(manifest["path"][bad].head(5))
-                raise ValueError(f"backbone {emb.identity.backbone} produced NaN/inf features ({k}) for: {files}")
+        emb, ys, ln_timing = embed_stage_maps(p, model, manifest, progress_logger(context, "images embedded"))
         ident = emb.identity.as_dict()
         timing = emb.measured.per_image(len(manifest))
-        bundle = ArrayBundle(arrays, {"identity": json.dumps(ident), "timing": json.dumps(timing),
-                                      "image_ids": json.dumps(list(manifest["image_id"]))})
+        common = {"identity": json.dumps(ident), "image_ids": json.dumps(list(manifest["image_id"])),
+                  "images": str(len(manifest))}
+        features = ArrayBundle({"class_tokens": emb.class_tokens}, common | {"timing": json.dumps(timing)})
         meta = {f"identity/{k}": str(v) for k, v in ident.items()} | timing_metadata(timing) | {
-            "shapes": MetadataValue.json(bundle.describe()), "batch_size": emb.batch_size,
+            "shapes": MetadataValue.json(features.describe()), "batch_size": emb.batch_size,
         }
         if ident["random_init"]:
             meta["WARNING"] = "randomly initialised backbone: features are not from a pretrained model"
-        yield Output(bundle, metadata=meta)
-        grids = {t.shape[1:3] for t in emb.taps}
+        yield Output(features, output_name="backbone_features", metadata=meta)
+        maps = ArrayBundle(ys, common | {"timing": json.dumps(ln_timing)})
+        yield Output(maps, output_name="lnamd_features",
+                     metadata={"shapes": MetadataValue.json(maps.describe())} | timing_metadata(ln_timing))
+        grids = {y.shape[1:3] for y in ys.values()}
         yield AssetCheckResult(
-            check_name="features_shape", passed=len(grids) == 1 and all(len(t) == len(manifest) for t in arrays.values()),
-            metadata={"shapes": MetadataValue.json(bundle.describe()), "images": len(manifest)},
+            asset_key=p.key("lnamd_features"), check_name="features_shape",
+            passed=len(grids) == 1 and all(len(y) == len(manifest) for y in ys.values()),
+            metadata={"shapes": MetadataValue.json(maps.describe()), "images": len(manifest)},
         )
 
-    return backbone_features
+    return embed
 
 
-def lnamd_features_asset(p: ProfileContext) -> AssetsDefinition:
-    @asset(name="lnamd_features", io_manager_key="arrays", ins={"features": AssetIn(p.key("backbone_features"))},
-           kinds={"pytorch", "safetensors"}, **p.asset_args("lnamd"))
-    def lnamd_features(context: AssetExecutionContext, features: ArrayBundle) -> Output[ArrayBundle]:
-        """LNAMD input per stage: Y_l = LayerNorm(F_l) over the whole map (N×h×w×C).
-
-        Z_{l,r} = B_r(Y_l)/‖B_r(Y_l)‖ for every degree r is one cheap linear step away
-        (:func:`musc_pipeline.core.lnamd.aggregate`); MSM scores all degrees from Y_l with
-        one product per image pair, so Y_l is what is stored.
-        """
-        p.ensure_usable()
-        with measure(torch.device("cpu")) as measured:
-            ys = {f"y{i}": lnamd.layer_norm_map(torch.from_numpy(features.arrays[f"tap{i}"])).numpy() for i in range(4)}
-        timing = measured.per_image(len(ys["y0"]))
-        bundle = ArrayBundle(ys, features.meta | {"timing": json.dumps(timing)})
-        return Output(bundle, metadata={"shapes": MetadataValue.json(bundle.describe())} | timing_metadata(timing))
-
-    return lnamd_features
+def drop_intermediates(p: ProfileContext, context: AssetExecutionContext, arrays: ArrayIOManager) -> None:
+    """``intermediates: drop``: once a category is scored, drop its stored Y_l (the largest
+    intermediate by far) and record that on ``lnamd_features`` as an observation."""
+    if p.profile.intermediates != "drop":
+        return
+    key = p.key("lnamd_features")
+    freed = arrays.drop_arrays(key, context.partition_key, "intermediates: drop (recomputed on demand)")
+    if freed:
+        context.log_event(AssetObservation(asset_key=key, partition=context.partition_key,
+                                           metadata={"dropped": "intermediates: drop", "freed_bytes": freed}))
+        context.log.info(f"dropped {key.to_user_string()} arrays for {context.partition_key}: {freed} bytes freed")

@@ -24,7 +24,9 @@ from dagster import (
 )
 
 from musc_pipeline.assets.context import ProfileContext
+from musc_pipeline.assets.features import drop_intermediates
 from musc_pipeline.assets.metadata import md_table, table_metadata
+from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core import metrics
 from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
 from musc_pipeline.reports.render import load_reference
@@ -51,7 +53,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
     # A multi-asset only because it may omit a check's result (can_subset): a check with nothing
     # to compare against then shows as skipped instead of passed.
     @multi_asset(name=f"{p.name}__category_metrics", group_name=args["group_name"],
-                 partitions_def=args["partitions_def"], can_subset=True,
+                 partitions_def=args["partitions_def"], can_subset=True, required_resource_keys={"arrays"},
                  outs={"category_metrics": AssetOut(key=key, io_manager_key="tables", kinds={"parquet"},
                                                     code_version=args["code_version"], description=description)},
                  ins={"scores": AssetIn(p.key("rscin_scores")), "amaps": AssetIn(p.key("anomaly_maps")),
@@ -87,7 +89,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                 values |= {k: math.nan for k in metrics.PIXEL_METRICS}
                 notes.append("no ground-truth masks: pixel metrics n/a")
             else:
-                px = metrics.pixel_metrics(gt, amaps.arrays["maps"])
+                px = metrics.pixel_metrics(gt, full_maps(amaps))
                 values |= px.values
                 notes += px.notes
         ident = json.loads(features.meta["identity"])
@@ -107,6 +109,10 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         row["peak_rss_mb"] = float(max(t["peak_rss_mb"] for t in stage_timings))
         gpu = [t["peak_gpu_mb"] for t in stage_timings if t["peak_gpu_mb"] is not None]
         row["peak_gpu_mb"] = float(max(gpu)) if gpu else math.nan
+        # the category is scored: drop what the profile does not keep, then record what is stored
+        drop_intermediates(p, context, context.resources.arrays)
+        row |= stored_bytes_per_image(context, p, n)
+        row["intermediates"] = p.profile.intermediates
         previous = _previous_metrics(context, key)
         for k in METRIC_NAMES:
             row[f"previous_{k}"] = previous.get(k, math.nan)
@@ -125,6 +131,20 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                 yield result
 
     return category_metrics
+
+
+#: The array stages whose stored size per image each metrics row records (``stored_<stage>_bytes_per_image``).
+STORED_STAGES = ("backbone_features", "lnamd_features", "msm_scores", "anomaly_maps", "salient_features")
+
+
+def stored_bytes_per_image(context: AssetExecutionContext, p: ProfileContext, n: int) -> dict[str, float]:
+    """Bytes per image each array stage of this partition holds in storage now."""
+    out = {}
+    for stage in STORED_STAGES:
+        path = context.resources.arrays.partition_file(p.key(stage), context.partition_key)
+        if path.exists():
+            out[f"stored_{stage}_bytes_per_image"] = path.stat().st_size / n
+    return out
 
 
 def ground_truth(manifest: pd.DataFrame, size: int, rule: str) -> np.ndarray | None:

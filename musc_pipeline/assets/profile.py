@@ -1,7 +1,7 @@
 """The per-category asset graph of one profile, one asset per stage of SPEC.md.
 
-    image_manifest -> backbone_features -> lnamd_features -> msm_scores -> anomaly_maps
-                   -> rscin_scores -> category_metrics          (partitioned: dataset/category)
+    image_manifest -> backbone_features + lnamd_features (one backbone pass) -> msm_scores
+                   -> anomaly_maps -> rscin_scores -> category_metrics   (partitioned: dataset/category)
     lnamd_features, msm_scores -> salient_features -> rscin_scores   (only with rescoring: rscon)
 
 Assets stay thin: read inputs, call :mod:`musc_pipeline.core`, return what they computed with
@@ -16,14 +16,14 @@ import logging
 from dagster import AssetsDefinition, StaticPartitionsDefinition
 
 from musc_pipeline.assets.context import ProfileContext, code_versions, profile_problem
-from musc_pipeline.assets.features import backbone_features_asset, image_manifest_asset, lnamd_features_asset
+from musc_pipeline.assets.features import embedding_assets, image_manifest_asset
 from musc_pipeline.assets.metrics import category_metrics_asset
 from musc_pipeline.assets.scoring import anomaly_maps_asset, msm_scores_asset, rscin_scores_asset, salient_features_asset
 from musc_pipeline.assets.studies import build_study_assets
 from musc_pipeline.settings import ProfileSettings, Settings
 
 log = logging.getLogger(__name__)
-STAGE_FACTORIES = (image_manifest_asset, backbone_features_asset, lnamd_features_asset, msm_scores_asset,
+STAGE_FACTORIES = (image_manifest_asset, embedding_assets, msm_scores_asset,
                    anomaly_maps_asset, rscin_scores_asset, category_metrics_asset)
 
 

@@ -10,6 +10,7 @@ import torch
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, MetadataValue, Output, asset
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
+from musc_pipeline.assets.features import lnamd_inputs
 from musc_pipeline.assets.metadata import map_preview_png, progress_logger, table_metadata, timing_metadata
 from musc_pipeline.core import lnamd, maps, msm, rscin, rscon, snamd, subsets
 from musc_pipeline.resources.backbone import ModelResource
@@ -33,7 +34,7 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
         ``aggregation: snamd`` the degrees are pooled inside SNAMD, so R = 1.
         """
         p.ensure_usable()
-        ys = [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
+        ys = lnamd_inputs(p, lnamd_maps, model, manifest)
         n, h, w, _ = ys[0].shape
         refs = _reference_maps(model, p) if method.mode != "zero_shot" else None
         groups = subsets.divide(list(manifest["defect_type"].astype(str)), method.subsets, method.subset_seed,
@@ -59,6 +60,7 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
             "subset_dealing": method.subset_dealing, "aggregation": method.aggregation,
             "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
+            "images": str(n),
         })
         return Output(bundle, metadata={"shape": str(list(out.shape))} | timing_metadata(timing))
 
@@ -85,17 +87,20 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
            kinds={"pytorch", "safetensors"}, **p.asset_args("maps"))
     def anomaly_maps(context: AssetExecutionContext, scores: ArrayBundle, features: ArrayBundle,
                      manifest: pd.DataFrame) -> Output[ArrayBundle]:
-        """S×S anomaly maps (bilinear, align_corners) and image scores c_i (``image_score``: max or top-q mean)."""
+        """Anomaly maps A_i on the patch grid (N×h×w) and image scores c_i (``image_score``: max or
+        top-q mean of the S×S map). The S×S maps (bilinear, align_corners, optional smoothing) are
+        one cheap step from the stored grid, so only the grid is stored (:func:`full_maps`)."""
         p.ensure_usable()
         ident = json.loads(features.meta["identity"])
         grid = tuple(json.loads(scores.meta["grid"]))
         with measure(torch.device("cpu")) as measured:
-            amaps, image = maps.from_msm_scores(torch.from_numpy(scores.arrays["scores"]), grid,
-                                                ident["image_size"], p.method.smoothing_sigma,
-                                                p.method.image_score, p.method.image_score_q)
+            patch = maps.patch_scores(torch.from_numpy(scores.arrays["scores"]))
+            amaps = maps.anomaly_maps(patch, grid, ident["image_size"], p.method.smoothing_sigma)
+            image = maps.image_scores(amaps, p.method.image_score, p.method.image_score_q)
         timing = measured.per_image(len(image))
-        bundle = ArrayBundle({"maps": amaps.numpy(), "image_scores": image.numpy()},
-                             {"timing": json.dumps(timing), "image_size": str(ident["image_size"])})
+        bundle = ArrayBundle({"patch_maps": patch.reshape(len(patch), *grid).numpy(), "image_scores": image.numpy()},
+                             {"timing": json.dumps(timing), "image_size": str(ident["image_size"]),
+                              "smoothing_sigma": str(p.method.smoothing_sigma), "images": str(len(image))})
         top = int(torch.argmax(image))
         rule = resolve_mask_rule(p.method.mask_rule, p.where(context)[1].layout)
         preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), rule)
@@ -103,6 +108,14 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
                                         "preview (highest-scoring image)": MetadataValue.md(preview)})
 
     return anomaly_maps
+
+
+def full_maps(amaps: ArrayBundle) -> np.ndarray:
+    """The S×S anomaly maps (N×S×S float32) of a stored ``anomaly_maps`` bundle: the same call
+    on the same grid as when its image scores were computed, so the same values."""
+    patch = torch.from_numpy(amaps.arrays["patch_maps"])
+    return maps.anomaly_maps(patch.flatten(1), tuple(patch.shape[1:]), int(amaps.meta["image_size"]),
+                             float(amaps.meta["smoothing_sigma"])).numpy()
 
 
 def _preview(row: pd.Series, amap: np.ndarray, size: int, mask_rule: str) -> str:
@@ -118,20 +131,23 @@ def salient_features_asset(p: ProfileContext) -> AssetsDefinition:
     method = p.method
 
     @asset(name="salient_features", io_manager_key="arrays",
-           ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "scores": AssetIn(p.key("msm_scores"))},
+           ins={"lnamd_maps": AssetIn(p.key("lnamd_features")), "scores": AssetIn(p.key("msm_scores")),
+                "manifest": AssetIn(p.key("image_manifest"))},
            kinds={"pytorch", "safetensors"}, **p.asset_args("salient"))
-    def salient_features(context: AssetExecutionContext, lnamd_maps: ArrayBundle, scores: ArrayBundle) -> Output[ArrayBundle]:
+    def salient_features(context: AssetExecutionContext, model: ModelResource, lnamd_maps: ArrayBundle,
+                         scores: ArrayBundle, manifest: pd.DataFrame) -> Output[ArrayBundle]:
         """RsCon's anomaly-salient features (N×C): the aggregated feature of the second-to-last
         stage at each image's highest grid-level patch score (:mod:`musc_pipeline.core.rscon`)."""
         p.ensure_usable()
-        stage = len([k for k in lnamd_maps.arrays if k.startswith("y")]) + rscon.SALIENT_STAGE
+        ys = lnamd_inputs(p, lnamd_maps, model, manifest)
+        stage = len(ys) + rscon.SALIENT_STAGE
         with measure(torch.device("cpu")) as measured:
             feats = rscon.salient_features(
-                torch.from_numpy(lnamd_maps.arrays[f"y{stage}"]),
+                ys[stage],
                 maps.patch_scores(torch.from_numpy(scores.arrays["scores"])), method.degrees, method.aggregation)
         timing = measured.per_image(len(feats))
         bundle = ArrayBundle({"salient": feats.numpy()}, {"timing": json.dumps(timing), "stage": str(stage),
-                                                          "aggregation": method.aggregation})
+                                                          "aggregation": method.aggregation, "images": str(len(feats))})
         return Output(bundle, metadata={"shape": str(list(feats.shape)), "stage": stage} | timing_metadata(timing))
 
     return salient_features

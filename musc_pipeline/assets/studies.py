@@ -40,11 +40,11 @@ from dagster import (
 )
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
+from musc_pipeline.assets.features import lnamd_inputs
 from musc_pipeline.assets.metadata import timing_metadata
 from musc_pipeline.assets.study_common import (
     CategoryTruth,
     ensure_paper_method,
-    stage_maps,
     study_args,
     study_output,
     subset_groups,
@@ -75,13 +75,14 @@ def msm_similarities_asset(p: ProfileContext) -> AssetsDefinition:
         if p.method.mode != "zero_shot":
             raise Failure(description=f"profile {p.name!r}: the MSM studies re-aggregate zero-shot scores; "
                           f"method.mode is {p.method.mode!r}")
+        ys = lnamd_inputs(p, lnamd_maps, model, manifest)
         with measure(model.torch_device) as measured:
             sims, pool = ablation.sorted_similarities(
-                stage_maps(lnamd_maps), subset_groups(p, manifest), p.method.degrees, device=model.torch_device,
+                ys, subset_groups(p, manifest), p.method.degrees, device=model.torch_device,
                 memory_budget=model.msm_memory_budget, dtype=model.msm_dtype)
         timing = measured.per_image(len(pool))
         bundle = ArrayBundle({"similarities": sims.numpy(), "pool": pool.numpy()}, {
-            "grid": json.dumps(list(lnamd_maps.arrays["y0"].shape[1:3])), "degrees": json.dumps(list(p.method.degrees)),
+            "grid": json.dumps(list(ys[0].shape[1:3])), "degrees": json.dumps(list(p.method.degrees)),
             "timing": json.dumps(timing)})
         return Output(bundle, metadata={"shape": str(list(sims.shape)), "MB": round(sims.numel() * 4 / 2**20, 1),
                                         "seconds": round(float(timing["seconds"]), 2)} | timing_metadata(timing))
@@ -101,8 +102,9 @@ def msm_extra_degrees_asset(p: ProfileContext) -> AssetsDefinition:
         Tab. 9), N×L×R'×P, with the profile's interval and subsets."""
         p.ensure_usable()
         ensure_paper_method(p)
+        ys = lnamd_inputs(p, lnamd_maps, model, manifest)
         with measure(model.torch_device) as measured:
-            out = msm.score_stages(stage_maps(lnamd_maps), subset_groups(p, manifest), extra, p.method.interval,
+            out = msm.score_stages(ys, subset_groups(p, manifest), extra, p.method.interval,
                                    device=model.torch_device, memory_budget=model.msm_memory_budget,
                                    result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype)
         timing = measured.per_image(len(out))

@@ -30,10 +30,6 @@ def study_args(p: ProfileContext, stage: str, *extra) -> dict:
                 code_version=fingerprint(STUDY_REVISION, p.versions[stage], p.settings.studies, json.dumps(extra)))
 
 
-def stage_maps(lnamd_maps: ArrayBundle) -> list[torch.Tensor]:
-    return [torch.from_numpy(lnamd_maps.arrays[f"y{i}"]) for i in range(4)]
-
-
 def subset_groups(p: ProfileContext, manifest: pd.DataFrame, s: int | None = None) -> list[np.ndarray]:
     """The image indices of each subset: the profile's s, or ``s``."""
     m = p.method

@@ -16,7 +16,8 @@ import torch
 from dagster import AssetExecutionContext, AssetIn, AssetsDefinition, Output, asset
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
-from musc_pipeline.assets.study_common import CategoryTruth, stage_maps, study_args, study_output, subset_groups
+from musc_pipeline.assets.features import lnamd_inputs
+from musc_pipeline.assets.study_common import CategoryTruth, study_args, study_output, subset_groups
 from musc_pipeline.core import lnamd, msm
 from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.datasets import IMAGE_SUFFIXES, read_image
@@ -36,8 +37,8 @@ def subsets_study_asset(p: ProfileContext) -> AssetsDefinition:
         """Subsets s = 1, 2, 3 (Tab. 7): metrics, MSM time per image, peak memory and subset sizes."""
         p.ensure_usable()
         where = CategoryTruth(p, context, manifest, features)
-        ys = stage_maps(lnamd_maps)
-        grid = tuple(lnamd_maps.arrays["y0"].shape[1:3])
+        ys = lnamd_inputs(p, lnamd_maps, model, manifest)
+        grid = tuple(ys[0].shape[1:3])
         results = {}
         for s in sorted(SUBSETS, reverse=True):  # ascending memory: see the module doc
             groups = subset_groups(p, manifest, s)
@@ -88,7 +89,7 @@ def fewshot_study_asset(p: ProfileContext) -> AssetsDefinition:
         if refs:
             emb = model.embed(p.profile.backbone, (read_image(f) for f in refs), len(refs))
             ref_maps = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]  # L × k×h×w×C
-        ys, groups = stage_maps(lnamd_maps), subset_groups(p, manifest)
+        ys, groups = lnamd_inputs(p, lnamd_maps, model, manifest), subset_groups(p, manifest)
         for mode, label in (("few_shot", "MuSc"), ("musc_plus", "MuSc+")):
             for k in (k for k in SHOTS if k <= len(refs)):
                 scores = msm.score_stages(ys, groups, p.method.degrees, p.method.interval,

@@ -24,6 +24,7 @@ from dagster import (
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
 from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
+from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
@@ -91,7 +92,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         out_dir.mkdir(parents=True, exist_ok=True)
         size = int(amaps.meta["image_size"])
         labels = scores["label"].fillna(-1).to_numpy(int)
-        maps_ = amaps.arrays["maps"]
+        maps_ = full_maps(amaps)
         masks = ground_truth(manifest, size, resolve_mask_rule(profile.method.mask_rule, cfg.layout))
         images = [read_image(p) for p in manifest["path"]]
         s = scores["score_rscin"].to_numpy()
@@ -182,11 +183,16 @@ def run_facts(profile_name: str, profile: ProfileSettings, metrics_df: pd.DataFr
             col = f"{stage}_ms_per_image"
             facts[f"time per image: {stage} (ms, mean over categories)"] = f"{metrics_df[col].mean():.1f}"
         facts["peak memory (process RSS, MB, max)"] = f"{metrics_df['peak_rss_mb'].max():.0f}"
+        for col in [c for c in metrics_df.columns if c.startswith("stored_") and c.endswith("_bytes_per_image")]:
+            if metrics_df[col].notna().any():  # absent in tables written before storage was recorded
+                stage = col.removeprefix("stored_").removesuffix("_bytes_per_image")
+                facts[f"stored per image: {stage} (KB, mean over categories)"] = f"{metrics_df[col].mean() / 1024:.1f}"
         if metrics_df.get("peak_gpu_mb", pd.Series(dtype=float)).notna().any():  # absent in tables before it
             facts["peak GPU memory (allocated by torch, MB, max)"] = f"{metrics_df['peak_gpu_mb'].max():.0f}"
     facts["method"] = profile.method.model_dump_json()
     facts["backbone settings"] = profile.backbone.model_dump_json()
     facts["subsets"] = str(profile.method.subsets)
+    facts["intermediates"] = profile.intermediates
     for pkg in ("torch", "open_clip_torch", "timm", "dagster"):
         facts[f"version: {pkg}"] = importlib.metadata.version(pkg)
     facts["python"] = platform.python_version()

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster import ConfigurableIOManagerFactory, InputContext, OutputContext, UPathIOManager
+from dagster import AssetKey, ConfigurableIOManagerFactory, InputContext, OutputContext, UPathIOManager
 from filelock import FileLock
 from upath import UPath
 
@@ -122,7 +122,9 @@ class ParquetIOManager(_Base):
     def dump_to_path(self, context: OutputContext, obj: pd.DataFrame, path: UPath) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(obj, preserve_index=False), sink)
-        _atomic_write(path, sink.getvalue().to_pybytes())
+        payload = sink.getvalue().to_pybytes()
+        _atomic_write(path, payload)
+        context.add_output_metadata({"stored_bytes": len(payload)})
         table = path.parent.parent.name  # <base>/<profile>/<table>/<dataset>/<category>.parquet
         view = catalog_view(table)
         if view and self._base_path.protocol in ("", "file", "local"):
@@ -133,16 +135,47 @@ class ParquetIOManager(_Base):
             return pq.read_table(fh).to_pandas()
 
 
+def _array_payload(bundle: ArrayBundle) -> bytes:
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in bundle.arrays.items()}
+    return save(arrays, metadata={"meta": json.dumps(bundle.meta)})
+
+
 class ArrayIOManager(_Base):
     extension = ".safetensors"
 
     def dump_to_path(self, context: OutputContext, obj: ArrayBundle, path: UPath) -> None:
-        from safetensors.numpy import save
+        payload = _array_payload(obj)
+        _atomic_write(path, payload)
+        stored = {"stored_bytes": len(payload)}
+        if "images" in obj.meta:
+            stored["stored_bytes_per_image"] = round(len(payload) / max(1, int(obj.meta["images"])))
+        context.add_output_metadata(stored)
 
-        arrays = {k: np.ascontiguousarray(v) for k, v in obj.arrays.items()}
-        _atomic_write(path, save(arrays, metadata={"meta": json.dumps(obj.meta)}))
+    def partition_file(self, asset_key: AssetKey, partition: str) -> UPath:
+        """Where the bundle of one asset partition is stored."""
+        return self._with_extension(self.make_safe_partition_path(self._base_path.joinpath(*asset_key.path), partition))
 
-    def load_from_path(self, context: InputContext, path: UPath) -> ArrayBundle:
+    def drop_arrays(self, asset_key: AssetKey, partition: str, reason: str) -> int:
+        """Replace a stored bundle by its metadata alone (``meta["dropped"] = reason``).
+
+        For intermediates that can be recomputed (``intermediates: drop``): the file stays, so
+        the asset stays materialized and its readers find a bundle without arrays, which they
+        recompute. Returns the bytes freed (0 when there was nothing to drop).
+        """
+        path = self.partition_file(asset_key, partition)
+        if not path.exists():
+            return 0
+        bundle = self.load_from_path(None, path)
+        if not bundle.arrays:
+            return 0
+        before = path.stat().st_size
+        payload = _array_payload(ArrayBundle({}, bundle.meta | {"dropped": reason}))
+        _atomic_write(path, payload)
+        return before - len(payload)
+
+    def load_from_path(self, context: InputContext | None, path: UPath) -> ArrayBundle:
         from safetensors import safe_open
 
         if path.protocol in ("", "file", "local"):
