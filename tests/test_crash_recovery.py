@@ -73,7 +73,7 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
         first = _materialize(tmp_path, env)
         with DagsterInstance.from_config(str(home)) as instance:
             run_id = _wait("first run created", lambda: [r.run_id for r in instance.get_runs()], 300, first)[0]
-            _wait("first run in backbone_features", lambda: _step_started(instance, run_id, "musc__backbone_features"),
+            _wait("first run in backbone_features", lambda: _step_started(instance, run_id, "musc__embed"),
                   300, first)
             assert instance.event_log_storage.get_concurrency_info(POOL).active_run_ids == {run_id}
             os.killpg(first.pid, signal.SIGKILL)  # the run's only process: all steps run in it
@@ -84,7 +84,7 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
             second = _materialize(tmp_path, env)  # blocked on the pool until the slot is handed back
             assert second.wait(timeout=400) == 0, second.stderr.read()[-3000:]
             (second_id,) = [r.run_id for r in instance.get_runs() if r.run_id != run_id]
-            got_slot = _step_started(instance, second_id, "musc__backbone_features")
+            got_slot = _step_started(instance, second_id, "musc__embed")
             dead = instance.get_run_by_id(run_id)
             assert dead.status == DagsterRunStatus.FAILURE
             failure = instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE)[-1]

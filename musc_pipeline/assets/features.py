@@ -101,14 +101,15 @@ def embedding_assets(p: ProfileContext) -> AssetsDefinition:
 
     @multi_asset(
         name=f"{p.name}__embed", group_name=args["group_name"], partitions_def=args["partitions_def"], pool=MODEL_POOL,
+        can_subset=True,  # either asset alone can be selected (the backbone runs either way)
         ins={"manifest": AssetIn(p.key("image_manifest"))},
         outs={
             "backbone_features": AssetOut(
-                key=p.key("backbone_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"},
+                key=p.key("backbone_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"}, is_required=False,
                 code_version=p.versions["features"],
                 description=unusable or "Class tokens (N×D) and the backbone identity (patch tokens: lnamd_features)"),
             "lnamd_features": AssetOut(
-                key=p.key("lnamd_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"},
+                key=p.key("lnamd_features"), io_manager_key="arrays", kinds={"pytorch", "safetensors"}, is_required=False,
                 code_version=p.versions["lnamd"],
                 description=unusable or "LNAMD input per stage: Y_l = LayerNorm(F_l) of the patch tokens, N×h×w×C"),
         },
@@ -133,10 +134,15 @@ def embedding_assets(p: ProfileContext) -> AssetsDefinition:
         }
         if ident["random_init"]:
             meta["WARNING"] = "randomly initialised backbone: features are not from a pretrained model"
-        yield Output(features, output_name="backbone_features", metadata=meta)
+        selected = context.selected_output_names
+        if "backbone_features" in selected:
+            yield Output(features, output_name="backbone_features", metadata=meta)
         maps = ArrayBundle(ys, common | {"timing": json.dumps(ln_timing)})
-        yield Output(maps, output_name="lnamd_features",
-                     metadata={"shapes": MetadataValue.json(maps.describe())} | timing_metadata(ln_timing))
+        if "lnamd_features" in selected:
+            yield Output(maps, output_name="lnamd_features",
+                         metadata={"shapes": MetadataValue.json(maps.describe())} | timing_metadata(ln_timing))
+        if not context.selected_asset_check_keys:
+            return
         grids = {y.shape[1:3] for y in ys.values()}
         yield AssetCheckResult(
             asset_key=p.key("lnamd_features"), check_name="features_shape",

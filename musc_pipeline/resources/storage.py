@@ -111,6 +111,16 @@ def _safe_partition(base: UPath, partition: str) -> UPath:
     return base.joinpath(*parts)
 
 
+def _record_size(context: OutputContext | None, payload: bytes, images: int | None = None) -> None:
+    """The stored size as output metadata (and per image when the output says how many)."""
+    if context is None:  # a direct call outside a run
+        return
+    stored = {"stored_bytes": len(payload)}
+    if images:
+        stored["stored_bytes_per_image"] = round(len(payload) / images)
+    context.add_output_metadata(stored)
+
+
 class _Base(UPathIOManager):
     def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
         return _safe_partition(base_path, partition)
@@ -119,12 +129,12 @@ class _Base(UPathIOManager):
 class ParquetIOManager(_Base):
     extension = ".parquet"
 
-    def dump_to_path(self, context: OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+    def dump_to_path(self, context: OutputContext | None, obj: pd.DataFrame, path: UPath) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(obj, preserve_index=False), sink)
         payload = sink.getvalue().to_pybytes()
         _atomic_write(path, payload)
-        context.add_output_metadata({"stored_bytes": len(payload)})
+        _record_size(context, payload)
         table = path.parent.parent.name  # <base>/<profile>/<table>/<dataset>/<category>.parquet
         view = catalog_view(table)
         if view and self._base_path.protocol in ("", "file", "local"):
@@ -145,13 +155,10 @@ def _array_payload(bundle: ArrayBundle) -> bytes:
 class ArrayIOManager(_Base):
     extension = ".safetensors"
 
-    def dump_to_path(self, context: OutputContext, obj: ArrayBundle, path: UPath) -> None:
+    def dump_to_path(self, context: OutputContext | None, obj: ArrayBundle, path: UPath) -> None:
         payload = _array_payload(obj)
         _atomic_write(path, payload)
-        stored = {"stored_bytes": len(payload)}
-        if "images" in obj.meta:
-            stored["stored_bytes_per_image"] = round(len(payload) / max(1, int(obj.meta["images"])))
-        context.add_output_metadata(stored)
+        _record_size(context, payload, int(obj.meta["images"]) if "images" in obj.meta else None)
 
     def partition_file(self, asset_key: AssetKey, partition: str) -> UPath:
         """Where the bundle of one asset partition is stored."""
