@@ -16,7 +16,7 @@ from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint
 
-STUDY_REVISION = 2  # 2: prefix-sum re-aggregation, prepare_s rows
+STUDY_REVISION = 3  # 2: prefix-sum re-aggregation, prepare_s rows; 3: one pass per study (reaggregate_s once)
 
 
 def study_group(profile: str) -> str:
