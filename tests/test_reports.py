@@ -536,6 +536,9 @@ def test_html_report_asset_renders_before_any_category_is_materialized(tmp_path,
     text = " ".join(Page(index.read_text()).all_text().split())
     assert text.count("Not yet materialized: no category of this run has metrics") == 2
     assert "mini: not yet materialized in this run (1 category: cat1)" in text
+    assert 'href="studies.html"' in index.read_text()  # the study pages: "not yet" until study_pages runs
+    studies = " ".join(Page((index.parent / "studies.html").read_text()).all_text().split())
+    assert "Ablation studies" in studies and "Backbones and image sizes Tab. 8 and Tab. 13 none yet" in studies
     sections = dict(re.findall(r'<article class="run[^"]*"[^>]*data-profile="([^"]+)">(.*?)</article>',
                                index.read_text(), re.S))
     assert BANNER in sections["random_vit"] and BANNER not in sections["musc"]  # from the settings

@@ -112,26 +112,33 @@ def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str,
     one-value interval by more than 1e-6); padding (−inf similarity) is never read.
     """
     n, width = sims.shape[0], sims.shape[-1]
-    keep = {(n_valid, name): msm.interval_slice(n_valid, r.interval)
-            for n_valid in pool.unique().tolist() for name, r in reductions.items()}
+    pools = pool.unique().tolist()
+    keep = {(n_valid, name): msm.interval_slice(n_valid, r.interval) for n_valid in pools for name, r in reductions.items()}
+    # the positions read: prefix sums at the ends of the means, distances at the min / max
+    sums_at = sorted({e for (_, name), k in keep.items() if reductions[name].reduce == "mean" for e in (k.start, k.stop)})
+    dist_at = sorted({k.start if reductions[name].reduce == "min" else k.stop - 1
+                      for (_, name), k in keep.items() if reductions[name].reduce != "mean"})
     end = max(k.stop for k in keep.values())  # distances past every interval are not needed
-    out = {name: torch.empty(sims.shape[:-1], dtype=torch.float32) for name in reductions}
+    sums = torch.empty((*sims.shape[:-1], len(sums_at)), dtype=torch.float64)
+    dists = torch.empty((*sims.shape[:-1], len(dist_at)), dtype=torch.float64)
     for start in range(0, n, _CHUNK_IMAGES):
         part = slice(start, min(start + _CHUNK_IMAGES, n))
         dist = _distances(sims[part, ..., :end])  # chunk×L×R×P×end, ascending
         prefix = torch.zeros((*dist.shape[:-1], min(end, width) + 1), dtype=torch.float64)
         torch.cumsum(dist, dim=-1, out=prefix[..., 1:])  # prefix[..., k] = Σ of the k smallest
-        for n_valid in pool[part].unique().tolist():
-            rows = pool[part] == n_valid
-            for name, r in reductions.items():
-                k = keep[n_valid, name]
-                if r.reduce == "min":
-                    value = dist[..., k.start]
-                elif r.reduce == "max":
-                    value = dist[..., k.stop - 1]
-                else:
-                    value = (prefix[..., k.stop] - prefix[..., k.start]) / (k.stop - k.start)
-                out[name][part][rows] = value[rows].float()
+        sums[part], dists[part] = prefix[..., sums_at], dist[..., dist_at]
+    out = {}
+    for name, r in reductions.items():
+        value = torch.empty(sims.shape[:-1], dtype=torch.float32)
+        for n_valid in pools:
+            k = keep[n_valid, name]
+            if r.reduce == "mean":
+                v = (sums[..., sums_at.index(k.stop)] - sums[..., sums_at.index(k.start)]) / (k.stop - k.start)
+            else:
+                v = dists[..., dist_at.index(k.start if r.reduce == "min" else k.stop - 1)]
+            rows = pool == n_valid
+            value[rows] = v[rows].float()
+        out[name] = value
     return out
 
 
