@@ -197,10 +197,25 @@ def test_ablation_results_view_and_metadata(studied):
     assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value
     assert recomputed["study_percentage"].value.startswith("nothing")
     assert recomputed["study_backbones"].value == "nothing: read the category_metrics of musc"
+    assert recomputed["study_interval_start"].value.endswith("one pass shared by msm_variants, percentage, interval_start")
     subsets_table = _table(settings, "subsets")
     timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
     assert len(timing) == 6 and (timing["value"] > 0).all()
     assert _values(subsets_table, "s = 3")["subset_max"] == 4  # 8 images: 4, 2, 2 (types dealt in runs of 3)
+
+
+def test_a_study_job_runs_its_own_study_of_the_shared_reaggregation(studied):
+    """study_percentage selects one output of the MSM re-aggregation multi-asset: only it is made."""
+    settings, _ = studied
+    before = _table(settings, "percentage")
+    result = build_definitions(settings).resolve_job_def("study_percentage").execute_in_process(
+        partition_key="mini/cat1", instance=DagsterInstance.ephemeral())
+    made = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(made) == {"msm_similarities", "study_percentage"}
+    assert made["study_percentage"]["recomputed"].value.endswith("one pass shared by percentage")
+    after = _table(settings, "percentage")
+    kept = ~after["metric"].str.endswith("_s")  # timings differ from run to run, results do not
+    assert after[kept].reset_index(drop=True).equals(before[~before["metric"].str.endswith("_s")].reset_index(drop=True))
 
 
 #: Opened in Chromium (one page of each kind: a table, a table with a plot, the transposed backbones
