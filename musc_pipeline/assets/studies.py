@@ -166,7 +166,7 @@ def reduction_studies_asset(p: ProfileContext) -> AssetsDefinition:
                           manifest: pd.DataFrame):
         p.ensure_usable()
         where = CategoryTruth(p, context, manifest, features)
-        chosen = [s for s in REDUCTION_STUDIES if f"study_{s}" in context.selected_output_names]
+        chosen = [s for s in REDUCTION_STUDIES if p.key(f"study_{s}") in context.selected_asset_keys]
         t0 = time.perf_counter()
         all_scores = ablation.reaggregate(torch.from_numpy(sims.arrays["similarities"]),
                                           torch.from_numpy(sims.arrays["pool"]),
