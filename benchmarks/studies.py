@@ -18,7 +18,8 @@ and written to a safetensors file, which each study loads as its asset does. The
 categories have the same shapes (96 images each), so the sweep runs three times on one
 category's similarities.
 
-Run:  .venv/bin/python benchmarks/studies.py                     (random_vit shapes, 3 categories)
+Run:  .venv/bin/python benchmarks/studies.py --threads 1          (random_vit shapes, 3 categories)
+      .venv/bin/python benchmarks/studies.py                     (torch's default threads)
       .venv/bin/python benchmarks/studies.py --shape musc
       .venv/bin/python benchmarks/studies.py --images 12 --categories 1   (a quick smoke run)
 """
@@ -26,9 +27,14 @@ Run:  .venv/bin/python benchmarks/studies.py                     (random_vit sha
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import numpy as np
 import torch
