@@ -111,7 +111,7 @@ def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str,
     for all the variants, a few images at a time (float32 sums of ~N values would move a
     one-value interval by more than 1e-6); padding (−inf similarity) is never read.
     """
-    n, width = sims.shape[0], sims.shape[-1]
+    n = sims.shape[0]
     pools = pool.unique().tolist()
     keep = {(n_valid, name): msm.interval_slice(n_valid, r.interval) for n_valid in pools for name, r in reductions.items()}
     # the positions read: prefix sums at the ends of the means, distances at the min / max
@@ -124,7 +124,7 @@ def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str,
     for start in range(0, n, _CHUNK_IMAGES):
         part = slice(start, min(start + _CHUNK_IMAGES, n))
         dist = _distances(sims[part, ..., :end])  # chunk×L×R×P×end, ascending
-        prefix = torch.zeros((*dist.shape[:-1], min(end, width) + 1), dtype=torch.float64)
+        prefix = torch.zeros((*dist.shape[:-1], end + 1), dtype=torch.float64)
         torch.cumsum(dist, dim=-1, out=prefix[..., 1:])  # prefix[..., k] = Σ of the k smallest
         sums[part], dists[part] = prefix[..., sums_at], dist[..., dist_at]
     out = {}
