@@ -271,45 +271,43 @@ def test_fewshot_equals_a_direct_run_with_the_same_references(studied):
             assert abs(got[metric] - value) <= TOL, (setting, metric, got[metric], value)
 
 
-def test_backbones_study_tabulates_each_named_profiles_category_metrics(tmp_path):
-    """Two profiles (backbone × size), named in reverse order: one column each, the values their
-    category_metrics rows hold; nothing recomputed; the page shows them side by side."""
+def test_backbones_study_tabulates_each_named_profiles_category_metrics(studied, tmp_path):
+    """Two profiles (backbone × size), named in reverse order: one column each holding what their
+    category_metrics rows hold, nothing recomputed. The rows: the studied category's real musc
+    row, and a copy of it as another backbone × size with other values."""
     from musc_pipeline.assets.study_backbones import BACKBONE_METRICS, BACKBONES_KEY
     from musc_pipeline.reports.studies import render_study_pages
 
-    root = tmp_path / "data"
-    make_category(root, "cat1", n=2)
-    profiles = {"lite": ProfileSettings(backbone=BackboneSettings(name="efficientnet_lite0", image_size=192)),
-                "rand": ProfileSettings(backbone=BackboneSettings(name="efficientnet_lite0", weights="random", image_size=160))}
-    settings = Settings(storage=str(tmp_path / "store"), reports_dir=str(tmp_path / "reports"),
-                        datasets={"mini": DatasetSettings(root=str(root))}, profiles=profiles,
-                        studies=StudySettings(backbone_profiles=("rand", "lite")))
-    defs = build_definitions(settings)
-    instance = DagsterInstance.ephemeral()
-    assert defs.resolve_job_def("lite_categories").execute_in_process(
-        partition_key="mini/cat1", instance=instance, asset_selection=[AssetKey(["lite", n]) for n in PIPELINE]).success
-    assert defs.resolve_job_def("rand_categories").execute_in_process(
-        partition_key="mini/cat1", instance=instance, asset_selection=[AssetKey(["rand", n]) for n in PIPELINE]).success
-    result = defs.resolve_job_def("study_backbones").execute_in_process(partition_key="mini/cat1", instance=instance)
-    assert result.success
-    assert [e.asset_key for e in result.get_asset_materialization_events()] == [BACKBONES_KEY]  # no stage re-ran
+    settings, _ = studied
+    musc = pd.read_parquet(Path(settings.storage) / "musc" / "category_metrics" / "mini" / "cat1.parquet")
+    rand = musc.assign(profile="rand", random_init=True, image_size=160, image_auroc=0.5, pixel_pro=0.25,
+                       msm_ms_per_image=3 * musc["msm_ms_per_image"])
+    store = tmp_path / "store"
+    for name, row in (("musc", musc), ("rand", rand)):
+        (store / name / "category_metrics" / "mini").mkdir(parents=True)
+        row.to_parquet(store / name / "category_metrics" / "mini" / "cat1.parquet")
+    two = settings.model_copy(update={
+        "storage": str(store), "reports_dir": str(tmp_path / "reports"),
+        "profiles": {"musc": settings.profiles["musc"], "rand": ProfileSettings(
+            backbone=BackboneSettings(name="efficientnet_lite0", weights="random", image_size=160))},
+        "studies": StudySettings(backbone_profiles=("rand", "musc"))})
+    result = build_definitions(two).resolve_job_def("study_backbones").execute_in_process(
+        partition_key="mini/cat1", instance=DagsterInstance.ephemeral())
+    assert [e.asset_key for e in result.get_asset_materialization_events()] == [BACKBONES_KEY]  # no stage ran
 
-    table = pd.read_parquet(Path(settings.storage) / "studies" / "study_backbones" / "mini" / "cat1.parquet")
-    assert list(dict.fromkeys(table["setting"])) == ["efficientnet_lite0 (random weights) @ 160", "efficientnet_lite0 @ 192"]
-    for profile, setting in (("rand", "efficientnet_lite0 (random weights) @ 160"), ("lite", "efficientnet_lite0 @ 192")):
-        row = pd.read_parquet(Path(settings.storage) / profile / "category_metrics" / "mini" / "cat1.parquet").iloc[0]
+    table = pd.read_parquet(store / "studies" / "study_backbones" / "mini" / "cat1.parquet")
+    columns = {"rand": "efficientnet_lite0 (random weights) @ 160", "musc": "efficientnet_lite0 @ 224"}
+    assert list(dict.fromkeys(table["setting"])) == list(columns.values())
+    for (profile, setting), row in zip(columns.items(), (rand, musc)):
         got = table[table["setting"] == setting]
         assert set(got["profile"]) == {profile} and list(got["metric"]) == list(BACKBONE_METRICS)
         for metric, value in zip(got["metric"], got["value"]):
-            assert value == pytest.approx(row[metric], nan_ok=True), (setting, metric)
-        assert row["msm_ms_per_image"] > 0 and row["peak_rss_mb"] > 0
-    lite, rand = (table[(table["setting"] == s) & (table["metric"] == "pixel_auroc")]["value"].item()
-                 for s in ("efficientnet_lite0 @ 192", "efficientnet_lite0 (random weights) @ 160"))
-    assert lite != rand  # two different runs, not one row twice
+            assert value == pytest.approx(row[metric].item(), nan_ok=True), (setting, metric)
+    assert musc["msm_ms_per_image"].item() > 0 and musc["peak_rss_mb"].item() > 0  # the real row is timed
 
-    render_study_pages(Path(settings.reports_dir), table)
-    html = (Path(settings.reports_dir) / page_name("backbones")).read_text()
-    assert html.index("efficientnet_lite0 (random weights) @ 160") < html.index("efficientnet_lite0 @ 192")
+    render_study_pages(tmp_path / "reports", table)
+    html = (tmp_path / "reports" / page_name("backbones")).read_text()
+    assert html.index(columns["rand"]) < html.index(columns["musc"])
     assert "features ms / image" in html and "peak RSS MB" in html
 
 
