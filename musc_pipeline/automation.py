@@ -20,6 +20,7 @@ from dagster import (
 
 from musc_pipeline.assets.context import backbone_fingerprint, profile_problem
 from musc_pipeline.assets.studies import STUDIES
+from musc_pipeline.assets.study_backbones import BACKBONES_KEY
 from musc_pipeline.settings import Settings
 
 PER_CATEGORY = ("image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
@@ -53,7 +54,10 @@ def study_jobs(settings: Settings) -> list:
     jobs = [define_asset_job(name=f"study_{s}", selection=AssetSelection.assets(*keys(s)),
                              description=f"Ablation study {s!r} for the chosen partitions, every profile.")
             for s in STUDIES]
-    jobs.append(define_asset_job(name="studies", selection=AssetSelection.assets(*[k for s in STUDIES for k in keys(s)]),
+    jobs.append(define_asset_job(name="study_backbones", selection=AssetSelection.assets(BACKBONES_KEY),
+                                 description="Backbones and image sizes: the named profiles' category_metrics side by side."))
+    everything = AssetSelection.assets(*[k for s in STUDIES for k in keys(s)], BACKBONES_KEY)
+    jobs.append(define_asset_job(name="studies", selection=everything,
                                  description="Every ablation study for the chosen partitions, every profile."))
     jobs.append(define_asset_job(name="study_report", selection=AssetSelection.assets(AssetKey("study_pages")),
                                  description="Render the study pages (reports/study_*.html) from the studies' tables."))

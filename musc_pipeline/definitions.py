@@ -7,6 +7,7 @@ from dagster import Definitions, ExecutorDefinition, in_process_executor
 from musc_pipeline.assets.partitions import build_partitions
 from musc_pipeline.assets.profile import build_profile_assets
 from musc_pipeline.assets.studies import build_study_pages
+from musc_pipeline.assets.study_backbones import backbones_study_asset
 from musc_pipeline.assets.summary import build_global_assets, build_profile_summary
 from musc_pipeline.automation import build_automation
 from musc_pipeline.resources.backbone import ModelResource
@@ -30,7 +31,7 @@ def build_definitions(
         assets += build_profile_assets(name, profile, settings, partitions)
         assets += build_profile_summary(name, profile, settings, partitions)
     assets += build_global_assets(settings)
-    assets.append(build_study_pages(settings))
+    assets += [backbones_study_asset(settings, partitions), build_study_pages(settings)]
     jobs, schedules, sensors = build_automation(settings, partitions)
     return Definitions(
         assets=assets,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "data" / "demo"
@@ -105,6 +105,8 @@ class StudySettings(_Strict):
     extra_degrees: tuple[int, ...] = (7, 9)  # Tab. 9: LNAMD/MSM run for these degrees only
     # Tab. 11: other methods' image scores, name -> Parquet file with (path, score) columns
     imported_scores: dict[str, str] = Field(default_factory=dict)
+    # Tab. 8, Tab. 13: the profiles compared side by side (one column per backbone × image size); () = every profile
+    backbone_profiles: tuple[str, ...] = ()
 
 
 class Settings(_Strict):
@@ -123,6 +125,14 @@ class Settings(_Strict):
             if not _NAME.match(name):
                 raise ValueError(f"name {name!r} must be letters, digits, '_', '-', '.' (no paths)")
         return value
+
+    @model_validator(mode="after")
+    def _backbone_profiles(self) -> Settings:
+        unknown = [p for p in self.studies.backbone_profiles if p not in self.profiles]
+        if unknown:
+            raise ValueError(f"studies.backbone_profiles names {unknown}, which are not profiles "
+                             f"(profiles: {sorted(self.profiles)})")
+        return self
 
 
 def fingerprint(*parts: BaseModel | str | int | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -25,6 +26,31 @@ def test_stage_benchmark_prints_every_stage_for_every_configuration():
         assert abs(features + lnamd + msm + maps + rscin - total) < 0.5
         assert r[10] == r[11] == "—" and float(r[12]) > 100  # no GPU here; process peak RSS in MB
     assert "998.8 ms/image" in run.stdout
+
+
+def test_study_benchmark_prints_the_sweep_against_one_msm(monkeypatch, capsys):
+    """In this process (torch is imported already): a subprocess would spend its time importing."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("studies_benchmark", REPO / "benchmarks" / "studies.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["studies.py", "--images", "8", "--categories", "2", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets one thread for this whole process
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["category"] and "% of MSM" in line)
+    for col in ("load s", "reaggregate s", "maps_rscin s", "metrics s", "total s"):
+        assert col in lines[at]
+    rows = {r[0]: list(map(float, r[1:])) for r in (line.split() for line in lines[at + 1 : at + 4])}
+    assert set(rows) == {"1", "2", "all"}
+    for r in rows.values():
+        assert r[1] > 0 and r[3] > 0 and abs(sum(r[:4]) - r[4]) < 0.05
+    assert abs(rows["1"][4] + rows["2"][4] - rows["all"][4]) < 0.05
+    assert "of one category's MSM (target: < 10 %)" in lines[-1]
 
 
 def test_the_model_runtime_needs_no_dagster():

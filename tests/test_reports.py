@@ -524,6 +524,7 @@ def test_html_report_asset_renders_before_any_category_is_materialized(tmp_path,
     from dagster import AssetKey, DagsterInstance
 
     from musc_pipeline.definitions import build_definitions
+    from musc_pipeline.reports.studies import STUDIES
     from musc_pipeline.settings import BackboneSettings, ProfileSettings
 
     settings = small_settings(tmp_path, mini_root)
@@ -536,6 +537,10 @@ def test_html_report_asset_renders_before_any_category_is_materialized(tmp_path,
     text = " ".join(Page(index.read_text()).all_text().split())
     assert text.count("Not yet materialized: no category of this run has metrics") == 2
     assert "mini: not yet materialized in this run (1 category: cat1)" in text
+    assert 'href="studies.html"' in index.read_text()  # the study pages: "not yet" until study_pages runs
+    studies = (index.parent / "studies.html").read_text()
+    assert 'href="study_backbones.html"' in studies and (index.parent / "study_backbones.html").is_file()
+    assert Page(studies).all_text().count("none yet") == len(STUDIES)
     sections = dict(re.findall(r'<article class="run[^"]*"[^>]*data-profile="([^"]+)">(.*?)</article>',
                                index.read_text(), re.S))
     assert BANNER in sections["random_vit"] and BANNER not in sections["musc"]  # from the settings

@@ -21,7 +21,8 @@ from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSet
 from test_reports import dump_dom
 
 TOL = 1e-6
-PIPELINE = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps", "rscin_scores"]
+PIPELINE = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps", "rscin_scores",
+            "category_metrics"]
 
 
 def _maps(n: int = 9, seed: int = 0) -> list[torch.Tensor]:
@@ -35,25 +36,37 @@ def test_reaggregated_intervals_equal_fresh_msm_runs(s):
     groups = subsets.divide(["good"] * 5 + ["bad"] * 4, s)
     sims, pool = ablation.sorted_similarities(ys, groups, (1, 3, 5))
     assert sims.shape == (9, 2, 3, 25, max(len(g) for g in groups) - 1)
-    dist = ablation.prepare(sims, pool)
-    chosen = [ablation.PERCENTAGES[k] for k in ("10%", "50%", "100%")] + [ablation.INTERVAL_STARTS["[25%, 55%]"]]
-    for reduction in chosen:
+    chosen = {k: ablation.PERCENTAGES[k] for k in ("10%", "50%", "100%")} | {
+        k: ablation.INTERVAL_STARTS[k] for k in ("[5%, 35%]", "[25%, 55%]")}
+    got = ablation.reaggregate(sims, pool, chosen)  # one pass, overlapping intervals
+    for name, reduction in chosen.items():
         fresh = msm.score_stages(ys, groups, (1, 3, 5), reduction.interval)
-        assert torch.allclose(ablation.reaggregate(dist, reduction), fresh, rtol=0, atol=TOL), reduction
+        assert torch.allclose(got[name], fresh, rtol=0, atol=TOL), name
 
 
 def test_msm_variants_follow_their_definition():
     """Tab. 5: min / max / mean over all N − 1 distances or over the lowest 30 %."""
     ys = _maps(n=11)
-    prepared = ablation.prepare(*ablation.sorted_similarities(ys, [np.arange(11)], (1,)))
+    got = ablation.reaggregate(*ablation.sorted_similarities(ys, [np.arange(11)], (1,)), ablation.MSM_VARIANTS)
     sim = msm.max_similarities(ys[0], None, (1,))[0]  # N×P×N, self −inf
     dist = torch.sqrt(torch.clamp(2 - 2 * sim.double(), min=0)).sort(dim=-1).values[..., :10]  # ascending, self dropped
     k = msm.interval_slice(10, (0, 0.3)).stop  # 3 lowest
     expected = {"(a) min": dist[..., 0], "(b) max": dist[..., -1], "(c) mean": dist.mean(-1),
                 "(d) 30% + min": dist[..., 0], "(e) 30% + max": dist[..., k - 1], "(f) 30% + mean": dist[..., :k].mean(-1)}
-    for name, reduction in ablation.MSM_VARIANTS.items():
-        got = ablation.reaggregate(prepared, reduction)[:, 0, 0]
-        assert torch.allclose(got.double(), expected[name], atol=TOL), name
+    for name in ablation.MSM_VARIANTS:
+        assert torch.allclose(got[name][:, 0, 0].double(), expected[name], atol=TOL), name
+
+
+def test_pixel_auroc_by_ranks_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 16, 16)) < 0.2
+    levels = rng.integers(0, 50, size=masks.shape) + 10 * masks  # defects higher, many ties within and across classes
+    amaps = levels.astype(np.float32) / 7
+    expected = roc_auc_score(masks.ravel(), amaps.ravel().astype(np.float64))
+    assert 0.6 < expected < 0.95
+    assert abs(ablation.pixel_auroc(masks, amaps) - expected) <= 1e-12
 
 
 def test_degree_sets_and_rscin_settings():
@@ -178,51 +191,126 @@ def test_ablation_results_view_and_metadata(studied):
     finally:
         con.close()
     assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4,
-                   "subsets": 3, "fewshot": 9}
+                   "subsets": 3, "fewshot": 9, "backbones": 1}
     materializations = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
     recomputed = {m.asset_key.path[-1]: m.metadata.get("recomputed") for m in materializations}
     assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value
     assert recomputed["study_percentage"].value.startswith("nothing")
+    assert recomputed["study_backbones"].value == "nothing: read the category_metrics of musc"
+    assert recomputed["study_interval_start"].value.endswith("one pass shared by msm_variants, percentage, interval_start")
     subsets_table = _table(settings, "subsets")
     timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
     assert len(timing) == 6 and (timing["value"] > 0).all()
     assert _values(subsets_table, "s = 3")["subset_max"] == 4  # 8 images: 4, 2, 2 (types dealt in runs of 3)
 
 
+def test_a_study_job_runs_its_own_study_of_the_shared_reaggregation(studied):
+    """study_percentage selects one output of the MSM re-aggregation multi-asset: only it is made."""
+    settings, _ = studied
+    before = _table(settings, "percentage")
+    result = build_definitions(settings).resolve_job_def("study_percentage").execute_in_process(
+        partition_key="mini/cat1", instance=DagsterInstance.ephemeral())
+    made = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(made) == {"msm_similarities", "study_percentage"}
+    assert made["study_percentage"]["recomputed"].value.endswith("one pass shared by percentage")
+    after = _table(settings, "percentage")
+    kept = ~after["metric"].str.endswith("_s")  # timings differ from run to run, results do not
+    assert after[kept].reset_index(drop=True).equals(before[~before["metric"].str.endswith("_s")].reset_index(drop=True))
+
+
+#: Opened in Chromium (one page of each kind: a table, a table with a plot, the transposed backbones
+#: table, the listing); every page is also checked in its source (one template renders them all).
+IN_CHROMIUM = ("msm_variants", "subsets", "backbones")
+
+
 def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):
     settings, _ = studied
     reports = Path(settings.reports_dir)
-    assert (reports / "studies.html").is_file()
+    listing = dump_dom(tmp_path, reports / "studies.html")
     for study in STUDIES:
-        dom = dump_dom(tmp_path, reports / page_name(study.name))
+        assert f'href="{page_name(study.name)}"' in listing, study.name
+        page = reports / page_name(study.name)
+        dom = dump_dom(tmp_path, page) if study.name in IN_CHROMIUM else page.read_text()
         assert study.title in dom and 'class="metrics study"' in dom, study.name
-        assert "Profile <code>musc</code> on <code>mini</code>" in dom
+        heading = "Mean over categories on" if study.name == "backbones" else "Profile <code>musc</code> on"
+        assert f"{heading} <code>mini</code>" in dom, study.name
         if study.plot_x:
             png = reports / f"study_{study.name}.png"
             assert png.is_file() and png.stat().st_size > 5_000 and f'src="{png.name}"' in dom
-    dom = dump_dom(tmp_path, reports / page_name("msm_variants"))
-    assert "(f) 30% + mean" in dom and "The paper has no numbers" in dom  # mini is not a paper dataset
+        if study.name == "msm_variants":
+            assert "(f) 30% + mean" in dom and "The paper has no numbers" in dom  # mini is not a paper dataset
+        if study.name == "backbones":
+            assert "<th class=\"metric\">efficientnet_lite0 @ 224</th>" in dom and "Pixel PRO" in dom
 
 
-@pytest.mark.parametrize("setting, mode, k", [("MuSc k = 2", "few_shot", 2), ("MuSc+ k = 4", "musc_plus", 4)])
-def test_fewshot_equals_a_direct_run_with_the_same_references(studied, setting, mode, k):
+def test_fewshot_equals_a_direct_run_with_the_same_references(studied):
+    """MuSc k = 2 and MuSc+ k = 4 (one embedding of the references serves both)."""
     from musc_pipeline.assets.metrics import ground_truth
     from musc_pipeline.assets.study_runs import reference_images
     from musc_pipeline.resources.backbone import ModelResource
     from musc_pipeline.resources.datasets import read_image
 
     settings, _ = studied
-    refs = reference_images(settings.datasets["mini"].root, "cat1", 42, 8)[:k]
-    assert len(refs) == k and all("train" in str(f) for f in refs)
-    emb = ModelResource().embed(settings.profiles["musc"].backbone, (read_image(f) for f in refs), k)
+    refs = reference_images(settings.datasets["mini"].root, "cat1", 42, 8)[:4]
+    assert len(refs) == 4 and all("train" in str(f) for f in refs)
+    emb = ModelResource().embed(settings.profiles["musc"].backbone, (read_image(f) for f in refs), len(refs))
     ref_maps = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
     ys = [torch.from_numpy(a).float() for _, a in sorted(_stored(settings, "lnamd_features").items())]
     manifest = pd.read_parquet(Path(settings.storage) / "musc" / "image_manifest" / "mini" / "cat1.parquet")
-    scores = msm.score_stages(ys, [np.arange(len(manifest))], (1, 3, 5), references=ref_maps, mode=mode)
-    amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
-    expected = metrics.image_metrics(manifest["label"].to_numpy(int), rscin.rescore(c, tokens, (1, 2, 3)).numpy()).values
-    expected["pixel_auroc"] = metrics.pixel_metrics(ground_truth(manifest, 224, "authors_mvtec"), amaps.numpy()).values["pixel_auroc"]
-    got = _values(_table(settings, "fewshot"), setting)
-    for metric, value in expected.items():
-        assert abs(got[metric] - value) <= TOL, (metric, got[metric], value)
+    truth = ground_truth(manifest, 224, "authors_mvtec")
+    table = _table(settings, "fewshot")
+    for setting, mode, k in [("MuSc k = 2", "few_shot", 2), ("MuSc+ k = 4", "musc_plus", 4)]:
+        scores = msm.score_stages(ys, [np.arange(len(manifest))], (1, 3, 5), references=[r[:k] for r in ref_maps],
+                                  mode=mode)
+        amaps, c = maps.from_msm_scores(scores, (ys[0].shape[1], ys[0].shape[2]), 224)
+        expected = metrics.image_metrics(manifest["label"].to_numpy(int), rscin.rescore(c, tokens, (1, 2, 3)).numpy()).values
+        expected["pixel_auroc"] = metrics.pixel_metrics(truth, amaps.numpy()).values["pixel_auroc"]
+        got = _values(table, setting)
+        for metric, value in expected.items():
+            assert abs(got[metric] - value) <= TOL, (setting, metric, got[metric], value)
+
+
+def test_backbones_study_tabulates_each_named_profiles_category_metrics(studied, tmp_path):
+    """Two profiles (backbone × size), named in reverse order: one column each holding what their
+    category_metrics rows hold, nothing recomputed. The rows: the studied category's real musc
+    row, and a copy of it as another backbone × size with other values."""
+    from musc_pipeline.assets.study_backbones import BACKBONE_METRICS, BACKBONES_KEY
+    from musc_pipeline.reports.studies import render_study_pages
+
+    settings, _ = studied
+    musc = pd.read_parquet(Path(settings.storage) / "musc" / "category_metrics" / "mini" / "cat1.parquet")
+    rand = musc.assign(profile="rand", random_init=True, image_size=160, image_auroc=0.5, pixel_pro=0.25,
+                       msm_ms_per_image=3 * musc["msm_ms_per_image"])
+    store = tmp_path / "store"
+    for name, row in (("musc", musc), ("rand", rand)):
+        (store / name / "category_metrics" / "mini").mkdir(parents=True)
+        row.to_parquet(store / name / "category_metrics" / "mini" / "cat1.parquet")
+    two = settings.model_copy(update={
+        "storage": str(store), "reports_dir": str(tmp_path / "reports"),
+        "profiles": {"musc": settings.profiles["musc"], "rand": ProfileSettings(
+            backbone=BackboneSettings(name="efficientnet_lite0", weights="random", image_size=160))},
+        "studies": StudySettings(backbone_profiles=("rand", "musc"))})
+    result = build_definitions(two).resolve_job_def("study_backbones").execute_in_process(
+        partition_key="mini/cat1", instance=DagsterInstance.ephemeral())
+    assert [e.asset_key for e in result.get_asset_materialization_events()] == [BACKBONES_KEY]  # no stage ran
+
+    table = pd.read_parquet(store / "studies" / "study_backbones" / "mini" / "cat1.parquet")
+    columns = {"rand": "efficientnet_lite0 (random weights) @ 160", "musc": "efficientnet_lite0 @ 224"}
+    assert list(dict.fromkeys(table["setting"])) == list(columns.values())
+    for (profile, setting), row in zip(columns.items(), (rand, musc)):
+        got = table[table["setting"] == setting]
+        assert set(got["profile"]) == {profile} and list(got["metric"]) == list(BACKBONE_METRICS)
+        for metric, value in zip(got["metric"], got["value"]):
+            assert value == pytest.approx(row[metric].item(), nan_ok=True), (setting, metric)
+    assert musc["msm_ms_per_image"].item() > 0 and musc["peak_rss_mb"].item() > 0  # the real row is timed
+
+    render_study_pages(tmp_path / "reports", table)
+    html = (tmp_path / "reports" / page_name("backbones")).read_text()
+    assert html.index(columns["rand"]) < html.index(columns["musc"])
+    assert "features ms / image" in html and "peak RSS MB" in html
+
+
+def test_backbone_profiles_must_name_profiles():
+    with pytest.raises(ValueError, match=r"studies.backbone_profiles names \['nope'\]"):
+        Settings(profiles={"musc": ProfileSettings()}, studies=StudySettings(backbone_profiles=("nope",)))

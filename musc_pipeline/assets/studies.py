@@ -6,6 +6,7 @@
     study_msm_variants    <- msm_similarities                        Tab. 5 (a)–(f)
     study_percentage      <- msm_similarities                        Fig. 8
     study_interval_start  <- msm_similarities                        Tab. 10
+                          (these three: one multi-asset, one pass over the similarities)
     study_rscin           <- rscin_scores (the MSM image scores)     Tab. 5 RsCIN, Fig. 8 windows
     study_rscin_plugin    <- rscin_scores + imported Parquet scores  Tab. 11
     study_subsets         <- lnamd_features (MSM re-run per s)       Tab. 7   (study_runs.py)
@@ -31,21 +32,25 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AssetOut,
     AssetsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 
 from musc_pipeline.assets.context import MODEL_POOL, ProfileContext
 from musc_pipeline.assets.features import lnamd_inputs
 from musc_pipeline.assets.metadata import timing_metadata
+from musc_pipeline.assets.study_backbones import BACKBONES_KEY
 from musc_pipeline.assets.study_common import (
     CategoryTruth,
     ensure_paper_method,
     study_args,
+    study_group,
     study_output,
     subset_groups,
 )
@@ -138,30 +143,47 @@ def degrees_study_asset(p: ProfileContext) -> AssetsDefinition:
     return study_degrees
 
 
-def reduction_study_asset(p: ProfileContext, study: str, settings: dict[str, ablation.Reduction],
-                          what: str) -> AssetsDefinition:
-    @asset(name=f"study_{study}", io_manager_key="tables", kinds={"parquet"},
-           ins={"sims": AssetIn(p.key("msm_similarities")), "features": AssetIn(p.key("backbone_features")),
-                "manifest": AssetIn(p.key("image_manifest"))},
-           description=f"{what}: s_{{l,r}}(i, m) re-aggregated from the stored sorted similarities.",
-           **study_args(p, "msm", study))
-    def reduction_study(context: AssetExecutionContext, sims: ArrayBundle, features: ArrayBundle,
-                        manifest: pd.DataFrame) -> Output[pd.DataFrame]:
+#: The MSM re-aggregation studies: their settings and what they are.
+REDUCTION_STUDIES: dict[str, tuple[dict[str, ablation.Reduction], str]] = {
+    "msm_variants": (ablation.MSM_VARIANTS, "MSM variants (Tab. 5 a–f)"),
+    "percentage": (ablation.PERCENTAGES, "Selection percentage (Fig. 8)"),
+    "interval_start": (ablation.INTERVAL_STARTS, "Interval start (Tab. 10)"),
+}
+
+
+def reduction_studies_asset(p: ProfileContext) -> AssetsDefinition:
+    """``study_msm_variants``, ``study_percentage`` and ``study_interval_start`` as one multi-asset:
+    the similarities are loaded and passed over once for whichever of them a run selects."""
+    outs = {f"study_{study}": AssetOut(
+        key=p.key(f"study_{study}"), io_manager_key="tables", kinds={"parquet"}, is_required=False,
+        code_version=study_args(p, "msm", study)["code_version"],
+        description=f"{what}: s_{{l,r}}(i, m) re-aggregated from the stored sorted similarities.")
+        for study, (_, what) in REDUCTION_STUDIES.items()}
+
+    @multi_asset(name=f"{p.name}__msm_reaggregation", outs=outs, can_subset=True, group_name=study_group(p.name),
+                 partitions_def=p.partitions,
+                 ins={"sims": AssetIn(p.key("msm_similarities")), "features": AssetIn(p.key("backbone_features")),
+                      "manifest": AssetIn(p.key("image_manifest"))})
+    def msm_reaggregation(context: AssetExecutionContext, sims: ArrayBundle, features: ArrayBundle,
+                          manifest: pd.DataFrame):
         p.ensure_usable()
         where = CategoryTruth(p, context, manifest, features)
+        chosen = [s for s in REDUCTION_STUDIES if p.key(f"study_{s}") in context.selected_asset_keys]
         t0 = time.perf_counter()
-        dist = ablation.prepare(torch.from_numpy(sims.arrays["similarities"]), torch.from_numpy(sims.arrays["pool"]))
-        prepare_s = time.perf_counter() - t0  # once per study: on the first setting's row
+        all_scores = ablation.reaggregate(torch.from_numpy(sims.arrays["similarities"]),
+                                          torch.from_numpy(sims.arrays["pool"]),
+                                          {name: r for s in chosen for name, r in REDUCTION_STUDIES[s][0].items()})
+        # one pass for every setting of every chosen study: each study's share on its first row
+        share_s = (time.perf_counter() - t0) / len(chosen)
         grid = tuple(json.loads(sims.meta["grid"]))
-        results = {}
-        for name, reduction in settings.items():
-            t0 = time.perf_counter()
-            scores = ablation.reaggregate(dist, reduction)
-            results[name] = ({"prepare_s": prepare_s} if not results else {}) | {
-                "reaggregate_s": time.perf_counter() - t0} | where.evaluate(p, scores, grid)
-        return study_output(p, study, where, results, "nothing: re-aggregated msm_similarities (no product)")
+        for study in chosen:
+            results = {}
+            for name in REDUCTION_STUDIES[study][0]:
+                results[name] = ({} if results else {"reaggregate_s": share_s}) | where.evaluate(p, all_scores[name], grid)
+            yield study_output(p, study, where, results, "nothing: re-aggregated msm_similarities (no product), "
+                               f"one pass shared by {', '.join(chosen)}", output_name=f"study_{study}")
 
-    return reduction_study
+    return msm_reaggregation
 
 
 def rscin_study_asset(p: ProfileContext) -> AssetsDefinition:
@@ -238,9 +260,7 @@ def rscin_plugin_study_asset(p: ProfileContext) -> AssetsDefinition:
 
 STUDY_FACTORIES: tuple[Callable[[ProfileContext], AssetsDefinition], ...] = (
     msm_similarities_asset, msm_extra_degrees_asset, degrees_study_asset,
-    lambda p: reduction_study_asset(p, "msm_variants", ablation.MSM_VARIANTS, "MSM variants (Tab. 5 a–f)"),
-    lambda p: reduction_study_asset(p, "percentage", ablation.PERCENTAGES, "Selection percentage (Fig. 8)"),
-    lambda p: reduction_study_asset(p, "interval_start", ablation.INTERVAL_STARTS, "Interval start (Tab. 10)"),
+    reduction_studies_asset,
     rscin_study_asset, rscin_plugin_study_asset, subsets_study_asset, fewshot_study_asset,
 )
 
@@ -253,6 +273,7 @@ def build_study_assets(p: ProfileContext) -> list[AssetsDefinition]:
 def build_study_pages(settings: Settings) -> AssetsDefinition:
     """The study pages: ``reports/study_<study>.html`` from every profile's materialized studies."""
     keys = {f"{p}__{s}": AssetKey([p, f"study_{s}"]) for p in settings.profiles for s in STUDIES}
+    keys["backbones"] = BACKBONES_KEY
 
     @asset(name="study_pages", group_name="studies", kinds={"html"},
            ins={k: AssetIn(key, partition_mapping=AllPartitionMapping(), metadata={"allow_missing_partitions": True})

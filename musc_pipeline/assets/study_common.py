@@ -16,7 +16,7 @@ from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint
 
-STUDY_REVISION = 2  # 2: prefix-sum re-aggregation, prepare_s rows
+STUDY_REVISION = 3  # 2: prefix-sum re-aggregation, prepare_s rows; 3: one pass for the MSM studies (reaggregate_s once)
 
 
 def study_group(profile: str) -> str:
@@ -65,7 +65,7 @@ class CategoryTruth:
 
 
 def study_output(p: ProfileContext, study: str, where: CategoryTruth, results: dict[str, dict[str, float]],
-                 recomputed: str) -> Output[pd.DataFrame]:
+                 recomputed: str, output_name: str = "result") -> Output[pd.DataFrame]:
     """The long table of one study and partition, with a wide Markdown table in the metadata."""
     rows = [{"profile": p.name, "study": study, "setting": setting, "setting_order": order,
              "dataset": where.dataset, "category": where.category, "metric": metric, "value": float(value)}
@@ -73,5 +73,5 @@ def study_output(p: ProfileContext, study: str, where: CategoryTruth, results: d
     df = pd.DataFrame(rows)
     wide = df.pivot_table(index=["setting_order", "setting"], columns="metric", values="value", dropna=False)
     wide = wide.reset_index().drop(columns="setting_order")
-    return Output(df, metadata={"recomputed": recomputed, "settings": len(results),
+    return Output(df, output_name=output_name, metadata={"recomputed": recomputed, "settings": len(results),
                                 "results": MetadataValue.md(md_table(wide))} | table_metadata(df))

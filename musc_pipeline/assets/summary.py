@@ -28,6 +28,7 @@ from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
 from musc_pipeline.reports import figures, render
+from musc_pipeline.reports.studies import render_study_pages
 from musc_pipeline.resources.datasets import read_image
 from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
 from musc_pipeline.settings import VARIANT_CHOICES, ProfileSettings, Settings
@@ -164,8 +165,10 @@ def build_global_assets(settings: Settings) -> list:
             ))
         reference = render.load_reference(REFERENCE_CSV)
         configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
+        if not (out_dir / "studies.html").is_file():  # the index links it: until study_pages runs, "not yet"
+            render_study_pages(out_dir, pd.DataFrame(columns=["study"]))
         index = render.render_reports(out_dir, runs, reference, categories=configured,
-                                      variants=variant_groups(settings))
+                                      variants=variant_groups(settings), studies="studies.html")
         context.log.info(f"report written to {index}")
         return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
 

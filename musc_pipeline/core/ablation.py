@@ -9,8 +9,8 @@ and re-aggregate it instead of re-running the method:
       S_{l,r}(i, m) = [max_n cos(Z_{l,r,i}[m], Z_{l,r,j}[n])]_{j ≠ i}   descending, N×L×R×P×(N−1)
 
   The distances a_{i,m}(j) = √(2 − 2S) then ascend along the last axis, so every interval of
-  them reduced by min or max is one element, and by mean one difference of prefix sums
-  (:func:`prepare`, once per study): s_{l,r}(i, m) for any variant without a product.
+  them reduced by min or max is one element, and by mean a sum of segment sums
+  (:func:`reaggregate`, all of a study's variants in one pass): s_{l,r}(i, m) without a product.
 - Aggregation degrees (Tab. 3, Tab. 9): A(i, m) averages s_{l,r}(i, m) over a chosen set of r.
 - RsCIN (Tab. 5, Fig. 8, Tab. 11): re-scores image scores only (:func:`rscin_settings`).
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from musc_pipeline.core import maps, metrics, msm, rscin
 
@@ -97,57 +96,50 @@ def sorted_similarities(
     return out, pool
 
 
-@dataclass(frozen=True)
-class SortedDistances:
-    """S with the prefix sums of its distances, so that every interval mean is one subtraction.
-
-    prefix[..., k] = Σ of the k smallest distances a_{i,m}(j) (float64: float32 sums of ~N values
-    would move a one-value interval by more than 1e-6). Padding (−inf similarity) is never read.
-    """
-
-    sims: torch.Tensor  # N×L×R×P×W float32, descending
-    pool: torch.Tensor  # N int64
-    prefix: torch.Tensor  # N×L×R×P×(W + 1) float64
-
-
 def _distances(sims: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(torch.clamp(2.0 - 2.0 * sims.double(), min=0.0))  # as msm.interval_mean_distance
+    """a = √(2 − 2S) in float64, as :func:`msm.interval_mean_distance` (in place on one copy)."""
+    return sims.double().mul_(-2.0).add_(2.0).clamp_(min=0.0).sqrt_()
 
 
-def prepare(sims: torch.Tensor, pool: torch.Tensor) -> SortedDistances:
-    """One pass over S (per study, not per setting): distances and their prefix sums."""
-    prefix = torch.zeros((*sims.shape[:-1], sims.shape[-1] + 1), dtype=torch.float64)
-    for start in range(0, sims.shape[0], _CHUNK_IMAGES):
-        stop = min(start + _CHUNK_IMAGES, sims.shape[0])
-        torch.cumsum(_distances(sims[start:stop]), dim=-1, out=prefix[start:stop, ..., 1:])
-    return SortedDistances(sims, pool, prefix)
+def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str, Reduction]) -> dict[str, torch.Tensor]:
+    """s_{l,r}(i, m) of every MSM variant in ``reductions``, in one pass over S. -> {name: N×L×R×P float32}.
 
-
-def reaggregate(dist: SortedDistances, reduction: Reduction) -> torch.Tensor:
-    """s_{l,r}(i, m) of one MSM variant. -> N×L×R×P float32.
-
-    The kept positions are :func:`msm.interval_slice` of each image's pool size, so
-    ``Reduction(interval)`` equals ``msm.score_stages(..., interval)``: min and max exactly,
-    the mean up to float64 rounding of the prefix sums (~1e-15).
+    sims: N×L×R×P×W descending (:func:`sorted_similarities`), pool: N. The kept positions are
+    :func:`msm.interval_slice` of each image's pool size, so ``Reduction(interval)`` equals
+    ``msm.score_stages(..., interval)``: min and max exactly, the mean up to float64 rounding of
+    the prefix sums (~1e-14). The distances (float64, as MSM) and their prefix sums are made once
+    for all the variants, a few images at a time (float32 sums of ~N values would move a
+    one-value interval by more than 1e-6); padding (−inf similarity) is never read.
     """
-    n = dist.pool.shape[0]
-    lo, hi = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
-    for n_valid in dist.pool.unique().tolist():
-        keep = msm.interval_slice(n_valid, reduction.interval)
-        rows = dist.pool == n_valid
-        lo[rows], hi[rows] = keep.start, keep.stop
-
-    def at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # t[i, ..., k_i] -> N×L×R×P
-        index = k.view(n, 1, 1, 1, 1).expand(*t.shape[:-1], 1)
-        return t.gather(-1, index)[..., 0]
-
-    if reduction.reduce == "min":
-        out = _distances(at(dist.sims, lo))
-    elif reduction.reduce == "max":
-        out = _distances(at(dist.sims, hi - 1))
-    else:
-        out = (at(dist.prefix, hi) - at(dist.prefix, lo)) / (hi - lo).double().view(n, 1, 1, 1)
-    return out.float()
+    n = sims.shape[0]
+    pools = pool.unique().tolist()
+    keep = {(n_valid, name): msm.interval_slice(n_valid, r.interval) for n_valid in pools for name, r in reductions.items()}
+    # the positions read: prefix sums at the ends of the means, distances at the min / max
+    sums_at = sorted({e for (_, name), k in keep.items() if reductions[name].reduce == "mean" for e in (k.start, k.stop)})
+    dist_at = sorted({k.start if reductions[name].reduce == "min" else k.stop - 1
+                      for (_, name), k in keep.items() if reductions[name].reduce != "mean"})
+    end = max(k.stop for k in keep.values())  # distances past every interval are not needed
+    sums = torch.empty((*sims.shape[:-1], len(sums_at)), dtype=torch.float64)
+    dists = torch.empty((*sims.shape[:-1], len(dist_at)), dtype=torch.float64)
+    for start in range(0, n, _CHUNK_IMAGES):
+        part = slice(start, min(start + _CHUNK_IMAGES, n))
+        dist = _distances(sims[part, ..., :end])  # chunk×L×R×P×end, ascending
+        prefix = torch.zeros((*dist.shape[:-1], end + 1), dtype=torch.float64)
+        torch.cumsum(dist, dim=-1, out=prefix[..., 1:])  # prefix[..., k] = Σ of the k smallest
+        sums[part], dists[part] = prefix[..., sums_at], dist[..., dist_at]
+    out = {}
+    for name, r in reductions.items():
+        value = torch.empty(sims.shape[:-1], dtype=torch.float32)
+        for n_valid in pools:
+            k = keep[n_valid, name]
+            if r.reduce == "mean":
+                v = (sums[..., sums_at.index(k.stop)] - sums[..., sums_at.index(k.start)]) / (k.stop - k.start)
+            else:
+                v = dists[..., dist_at.index(k.start if r.reduce == "min" else k.stop - 1)]
+            rows = pool == n_valid
+            value[rows] = v[rows].float()
+        out[name] = value
+    return out
 
 
 def degree_sets(stored: Sequence[int], extra: Sequence[int]) -> dict[str, tuple[int, ...]]:
@@ -199,8 +191,26 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
     if labels is not None:
         values |= metrics.image_metrics(labels, image_scores).values
     if masks is not None and amaps is not None and masks.any() and not masks.all():
-        values["pixel_auroc"] = float(roc_auc_score(masks.ravel(), amaps.ravel().astype(np.float64)))
+        values["pixel_auroc"] = pixel_auroc(masks, amaps)
     return values
+
+
+def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
+    """sklearn's ``roc_auc_score(masks.ravel(), amaps.ravel())`` counted by ranks (Mann–Whitney):
+    P(defect pixel scores above a normal one) + ½ P(tie), from one sort of the map values in their
+    own dtype — ≈ 15× faster than sklearn's float64 argsort and label checks, exact up to the final
+    division. masks: N×S×S bool, amaps: N×S×S, both classes present.
+
+    For each defect pixel p: normal pixels below = #all < p − #defect < p, and ≤ likewise; the
+    AUC sums (below + ≤) / 2. Over the defect pixels, Σ (#defect < p + #defect ≤ p) = n_pos²
+    whatever the ties, so only the searches in all the values remain.
+    """
+    scores = amaps.ravel()
+    pos = np.sort(scores[masks.ravel().astype(bool)])  # sorted queries: each search starts where the last ended
+    everything = np.sort(scores)
+    n_pos, n_neg = pos.size, scores.size - pos.size
+    both = int(np.searchsorted(everything, pos, "left").sum()) + int(np.searchsorted(everything, pos, "right").sum())
+    return (both - n_pos * n_pos) / (2 * n_pos * n_neg)
 
 
 def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, class_tokens: torch.Tensor,

@@ -307,6 +307,7 @@ def render_reports(
     compare: tuple[str, str] | None = None,
     categories: list[tuple[str, str]] | None = None,
     variants: dict[str, list[str]] | None = None,
+    studies: str | None = None,
 ) -> Path:
     """Write the report folder; returns ``out_dir / "index.html"``.
 
@@ -316,6 +317,7 @@ def render_reports(
     yet materialized (a run with no metrics at all is shown as such, never an error).
     ``variants`` maps a paper profile to its method-variant profiles (same backbone): one page
     per paper profile shows every variant's deltas against it, category by category.
+    ``studies``: the ablation studies' listing page (``reports.studies``) the index links to.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +398,7 @@ def render_reports(
     all_datasets = list(dict.fromkeys([d for _, df in frames for d in _datasets(df)] + list(expected)))
     write(
         "index.html", "index.html",
-        runs=run_links, compare=compare_info, variant_pages=variant_pages,
+        runs=run_links, compare=compare_info, variant_pages=variant_pages, studies=studies and _href(studies),
         headlines=[_headline(d, frames, ref, expected.get(d, [])) for d in all_datasets],
         headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
     )

@@ -6,7 +6,8 @@ the study's order, a column per metric holding the mean over categories ×100 �
 paper has the number (``study_reference.csv``: MVTec AD, VisA), the paper's value and
 Δ = ours − paper under it. Other columns (seconds ``*_s``, ms, MB, subset sizes) are shown as
 they are, mean per category. Ordered sweeps get a line plot (metric vs selection percentage,
-vs interval start, vs s — with MSM time per image against the subset size).
+vs interval start, vs s — with MSM time per image against the subset size). The backbones study
+is transposed: a column per backbone × image size, a row per metric, per category and the mean.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from musc_pipeline.core import ablation
+from musc_pipeline.core.metrics import IMAGE_METRICS, PIXEL_METRICS
 from musc_pipeline.reports import figures
 from musc_pipeline.reports.cells import value_cell
 from musc_pipeline.reports.paths import inside, slug
@@ -26,9 +28,11 @@ from musc_pipeline.reports.render import BANNER, CSS_NAME, _env
 
 REFERENCE = Path(__file__).parent / "study_reference.csv"
 LABELS = {"image_auroc": "Image AUROC (AC)", "image_f1_max": "Image F1-max", "image_ap": "Image AP",
-          "pixel_auroc": "Pixel AUROC (AS)", "prepare_s": "prefix sums s (once)", "reaggregate_s": "re-aggregate s", "rescore_s": "maps + RsCIN s",
+          "pixel_auroc": "Pixel AUROC (AS)", "reaggregate_s": "re-aggregate s (all settings)", "rescore_s": "maps + RsCIN s",
           "evaluate_s": "metrics s", "msm_ms_per_image": "MSM ms / image", "peak_rss_mb": "peak RSS MB",
-          "peak_gpu_mb": "peak GPU MB", "subset_min": "smallest subset", "subset_max": "largest subset"}
+          "peak_gpu_mb": "peak GPU MB", "subset_min": "smallest subset", "subset_max": "largest subset",
+          "pixel_f1_max": "Pixel F1-max", "pixel_ap": "Pixel AP", "pixel_pro": "Pixel PRO",
+          "features_ms_per_image": "features ms / image", "maps_ms_per_image": "maps ms / image"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ STUDIES = (
     Study("rscin_plugin", "RsCIN as a plug-in", "Tab. 11"),
     Study("subsets", "Subsets: time, memory, metrics", "Tab. 7", "number of subsets s"),
     Study("fewshot", "Few-shot MuSc and MuSc+", "Tab. 16"),
+    Study("backbones", "Backbones and image sizes", "Tab. 8 and Tab. 13"),
 )
 
 
@@ -90,6 +95,29 @@ def _tables(rows: pd.DataFrame, ref: pd.DataFrame) -> list[dict]:
                     "columns": [LABELS.get(m, m) for m in metrics],
                     "has_ref": any(k in refs for k in [(s, m) for _, s in settings for m in metrics])})
     return out
+
+
+def _backbone_tables(rows: pd.DataFrame) -> list[dict]:
+    """Backbones and image sizes: per dataset, the mean over categories and each category, one
+    column per backbone × size (setting), a row per metric, time and memory."""
+    out = []
+    for dataset, part in rows.groupby("dataset", sort=True):
+        settings = list(part.sort_values("setting_order")["setting"].unique())
+        metrics = list(dict.fromkeys(part["metric"]))
+        categories = sorted(part["category"].unique())
+        for title, sel in [("Mean over categories", part), *[(c, part[part["category"] == c]) for c in categories]]:
+            values = sel.groupby(["metric", "setting"])["value"].mean()
+            body = [{"setting": LABELS.get(m, m), "cells": [_backbone_cell(m, values.get((m, s), math.nan)) for s in settings]}
+                    for m in metrics]
+            out.append({"heading": title, "dataset": dataset, "categories": categories, "body": body,
+                        "columns": settings, "lead": "Metric", "has_ref": False})
+    return out
+
+
+def _backbone_cell(metric: str, v: float) -> dict:
+    if metric in IMAGE_METRICS + PIXEL_METRICS:
+        return value_cell(v, "not defined for this category") | {"metric": metric}
+    return {"text": "n/a" if math.isnan(v) else f"{v:.0f}", "na": math.isnan(v), "title": "", "raw": True}
 
 
 def _means(rows: pd.DataFrame, metric: str) -> pd.Series:
@@ -146,7 +174,8 @@ def render_study_pages(out_dir: Path, rows: pd.DataFrame, ref: pd.DataFrame | No
         plot = _plot(out_dir, study, part)
         name = page_name(study.name)
         html = env.get_template("study.html").render(
-            study=study, tables=_tables(part, ref[ref["study"] == study.name]) if len(part) else [],
+            study=study, tables=(_backbone_tables(part) if study.name == "backbones" else
+                                 _tables(part, ref[ref["study"] == study.name])) if len(part) else [],
             plot=plot, listing=None, pages=[(s.title, page_name(s.name)) for s in STUDIES], css=CSS_NAME,
             banner=BANNER, banners=[])
         inside(out_dir, name).write_text(html, encoding="utf-8")
