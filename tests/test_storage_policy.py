@@ -107,3 +107,15 @@ def test_drop_intermediates_then_recompute_on_demand(kept, tmp_path):
     _run(settings, ["msm_scores"], instance)
     np.testing.assert_array_equal(_load(settings, "msm_scores").arrays["scores"], before)
     assert _load(settings, "lnamd_features").arrays == {}
+
+
+def test_run_page_facts_list_stored_kilobytes_per_stage(kept):
+    from musc_pipeline.assets.summary import run_facts
+
+    settings, _ = kept
+    row = pd.read_parquet(Path(settings.storage) / "musc" / "category_metrics" / "mini" / "cat1.parquet")
+    facts = run_facts("musc", settings.profiles["musc"], row)
+    for stage in ARRAY_STAGES:
+        kb = row[f"stored_{stage}_bytes_per_image"].iloc[0] / 1024
+        assert facts[f"stored per image: {stage} (KB, mean over categories)"] == f"{kb:.1f}"
+    assert facts["intermediates"] == "keep"
