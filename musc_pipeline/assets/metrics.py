@@ -173,24 +173,25 @@ def metric_checks(row: dict, previous: dict) -> Iterator[AssetCheckResult | Skip
                     if not (math.isnan(v) or -UNIT_TOLERANCE <= v <= 1.0 + UNIT_TOLERANCE)]
     yield AssetCheckResult(check_name="metrics_in_unit_interval", passed=not out_of_range,
                            metadata={"out_of_range": ", ".join(out_of_range) or "none"})
-    compared = [k for k in METRIC_NAMES if not math.isnan(values[k]) and not math.isnan(previous.get(k, math.nan))]
-    if compared:
-        moved = {k: values[k] - previous[k] for k in compared if abs(values[k] - previous[k]) > REGRESSION_TOLERANCE}
-        yield AssetCheckResult(check_name="regression_vs_previous", passed=not moved, severity=AssetCheckSeverity.WARN,
-                               metadata={"compared": ", ".join(compared),
-                                         "moved": MetadataValue.json({k: round(v, 4) for k, v in moved.items()})})
-    else:
-        yield SkippedCheck("regression_vs_previous", "no previous materialization of this partition with metrics to compare")
+    yield _deviation_check("regression_vs_previous", values, previous, REGRESSION_TOLERANCE, "moved",
+                           "no previous materialization of this partition with metrics to compare")
     ref = reference_row(row["dataset"], row["category"])
-    compared = [k for k in ref if not math.isnan(values[k]) and not math.isnan(ref[k])]
-    if compared:
-        far = {k: values[k] - ref[k] for k in compared if abs(values[k] - ref[k]) > PAPER_TOLERANCE}
-        yield AssetCheckResult(check_name="paper_reference", passed=not far, severity=AssetCheckSeverity.WARN,
-                               metadata={"compared": ", ".join(compared),
-                                         "beyond_tolerance": MetadataValue.json({k: round(v, 4) for k, v in far.items()})})
-    else:
-        yield SkippedCheck("paper_reference", f"the paper has no numbers for {row['dataset']}/{row['category']}"
-                           if not ref else "all metrics are n/a")
+    yield _deviation_check("paper_reference", values, ref, PAPER_TOLERANCE, "beyond_tolerance",
+                           f"the paper has no numbers for {row['dataset']}/{row['category']}" if not ref
+                           else "all metrics are n/a")
+
+
+def _deviation_check(name: str, values: dict[str, float], baseline: dict, tolerance: float, key: str,
+                     skip_reason: str) -> AssetCheckResult | SkippedCheck:
+    """A warning check that the metrics stay within ``tolerance`` of ``baseline`` (skipped when no
+    metric has a value on both sides); ``key`` names the metadata entry listing the deviations."""
+    compared = [k for k in METRIC_NAMES if not math.isnan(values[k]) and not math.isnan(baseline.get(k, math.nan))]
+    if not compared:
+        return SkippedCheck(name, skip_reason)
+    far = {k: values[k] - baseline[k] for k in compared if abs(values[k] - baseline[k]) > tolerance}
+    return AssetCheckResult(check_name=name, passed=not far, severity=AssetCheckSeverity.WARN,
+                            metadata={"compared": ", ".join(compared),
+                                      key: MetadataValue.json({k: round(v, 4) for k, v in far.items()})})
 
 
 def reference_row(dataset: str, category: str) -> dict[str, float]:
