@@ -66,6 +66,9 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance config we ship
     env = dict(os.environ, MUSC_CONFIG=str(cfg), DAGSTER_HOME=str(home))
+    # Create the instance's SQLite storages before three processes open them at once: each would stamp its own
+    # alembic revision row into a fresh schedule database ("more than one head present", seen once in CI).
+    DagsterInstance.from_config(str(home)).dispose()
     daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = second = None
