@@ -14,6 +14,7 @@ import torch
 from dagster import AssetKey, DagsterInstance
 
 from conftest import DEMO, make_category
+from musc_pipeline import run_studies
 from musc_pipeline.core import ablation, lnamd, maps, metrics, msm, rscin, subsets
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.reports.studies import STUDIES, page_name
@@ -57,16 +58,22 @@ def test_msm_variants_follow_their_definition():
         assert torch.allclose(got[name][:, 0, 0].double(), expected[name], atol=TOL), name
 
 
-def test_pixel_auroc_by_ranks_equals_sklearn_with_ties():
+@pytest.mark.parametrize("shape, threads", [((3, 16, 16), 1), ((3, 1024, 1024), 3)])  # one part; 3 sorted in threads
+def test_pixel_auroc_by_ranks_equals_sklearn_with_ties(shape, threads):
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
-    masks = rng.random((3, 16, 16)) < 0.2
+    masks = rng.random(shape) < 0.2
     levels = rng.integers(0, 50, size=masks.shape) + 10 * masks  # defects higher, many ties within and across classes
     amaps = levels.astype(np.float32) / 7
     expected = roc_auc_score(masks.ravel(), amaps.ravel().astype(np.float64))
     assert 0.6 < expected < 0.95
-    assert abs(ablation.pixel_auroc(masks, amaps) - expected) <= 1e-12
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert abs(ablation.pixel_auroc(masks, amaps) - expected) <= 1e-12
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_degree_sets_and_rscin_settings():
@@ -192,6 +199,9 @@ def test_ablation_results_view_and_metadata(studied):
         con.close()
     assert got == {"degrees": 9, "msm_variants": 6, "percentage": 10, "interval_start": 6, "rscin": 6, "rscin_plugin": 4,
                    "subsets": 3, "fewshot": 9, "backbones": 1}
+    issue, every = (run_studies.sweep_timing(Path(settings.storage), studies) for studies in run_studies.SWEEPS.values())
+    assert list(issue["profile"]) == list(every["profile"]) == ["musc"]  # what `make studies` prints
+    assert 0 < issue["sweep_s"][0] < every["sweep_s"][0] and 0 < issue["sweep_over_msm"][0] < issue["with_metrics_over_msm"][0]
     materializations = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
     recomputed = {m.asset_key.path[-1]: m.metadata.get("recomputed") for m in materializations}
     assert "msm_scores_extra_degrees" in recomputed["study_degrees"].value

@@ -134,7 +134,7 @@ def embedding_assets(p: ProfileContext) -> AssetsDefinition:
         }
         if ident["random_init"]:
             meta["WARNING"] = "randomly initialised backbone: features are not from a pretrained model"
-        selected = context.selected_output_names
+        selected = context.op_execution_context.selected_output_names
         if "backbone_features" in selected:
             yield Output(features, output_name="backbone_features", metadata=meta)
         maps = ArrayBundle(ys, common | {"timing": json.dumps(ln_timing)})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -197,19 +198,31 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
 
 def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
     """sklearn's ``roc_auc_score(masks.ravel(), amaps.ravel())`` counted by ranks (Mann–Whitney):
-    P(defect pixel scores above a normal one) + ½ P(tie), from one sort of the map values in their
-    own dtype — ≈ 15× faster than sklearn's float64 argsort and label checks, exact up to the final
+    P(defect pixel scores above a normal one) + ½ P(tie), from sorts of the map values in their
+    own dtype — ≈ 25× faster than sklearn's float64 argsort and label checks, exact up to the final
     division. masks: N×S×S bool, amaps: N×S×S, both classes present.
 
     For each defect pixel p: normal pixels below = #all < p − #defect < p, and ≤ likewise; the
     AUC sums (below + ≤) / 2. Over the defect pixels, Σ (#defect < p + #defect ≤ p) = n_pos²
-    whatever the ties, so only the searches in all the values remain.
+    whatever the ties, so only the searches in all the values remain. Counts add over any
+    partition of the values, so each of torch's threads sorts and searches its own part
+    (NumPy's sort and search release the GIL): ≈ 1.7× faster on 2 cores than one sort.
     """
     scores = amaps.ravel()
     pos = np.sort(scores[masks.ravel().astype(bool)])  # sorted queries: each search starts where the last ended
-    everything = np.sort(scores)
     n_pos, n_neg = pos.size, scores.size - pos.size
-    both = int(np.searchsorted(everything, pos, "left").sum()) + int(np.searchsorted(everything, pos, "right").sum())
+    parts = max(1, min(torch.get_num_threads(), scores.size // 2**20))  # ≥ 1 M values a part
+    bounds = [scores.size * k // parts for k in range(parts + 1)]
+
+    def count(lo: int, hi: int) -> int:
+        part = np.sort(scores[lo:hi])
+        return int(np.searchsorted(part, pos, "left").sum()) + int(np.searchsorted(part, pos, "right").sum())
+
+    if parts == 1:
+        both = count(0, scores.size)
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            both = sum(pool.map(count, bounds[:-1], bounds[1:]))
     return (both - n_pos * n_pos) / (2 * n_pos * n_neg)
 
 
