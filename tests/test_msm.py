@@ -181,6 +181,21 @@ def test_box_filter_degrees_and_grids_match_reference(seed, grid, degrees):
     np.testing.assert_allclose(got.numpy(), _ref_by_degree(tokens, degrees), rtol=0, atol=ATOL)
 
 
+def test_inverse_window_norms_a_few_images_at_a_time(monkeypatch):
+    """1/‖window sum_r(Y)‖ with zero padding (avg_pool2d × r², count_include_pad), the same bits
+    whether the images go through in one chunk or one at a time."""
+    y = _y(_tokens(241, n=5, h=4, w=6, c=8))
+    degrees = (1, 3, 5)
+    whole = msm.msm_kernel.inverse_window_norms(y, degrees)
+    chw = y.permute(0, 3, 1, 2).double()
+    for q, r in enumerate(degrees):
+        sums = torch.nn.functional.avg_pool2d(chw, r, stride=1, padding=r // 2, count_include_pad=True) * r * r
+        expected = 1 / torch.linalg.vector_norm(sums, dim=1).reshape(5, -1)
+        torch.testing.assert_close(whole[q].double(), expected, rtol=1e-5, atol=0)
+    monkeypatch.setattr(msm.msm_kernel, "NORMS_CHUNK_BYTES", 1)  # one image a chunk
+    assert torch.equal(msm.msm_kernel.inverse_window_norms(y, degrees), whole)
+
+
 def test_box_filter_worker_threads_give_the_same_similarities():
     """Block pairs run on torch.get_num_threads() workers, each writing its own part of out."""
     y = _y(_tokens(231, n=9, h=4, w=5, c=16))
