@@ -125,7 +125,7 @@ def main() -> None:
     print(f"{'category':<10}" + "".join(f"{c + ' s':>15}" for c in cols) + f"{'% of MSM':>10}")
     for k, r in enumerate(rows + [{c: sum(r[c] for r in rows) for c in cols}]):
         name = "all" if k == len(rows) else str(k + 1)
-        print(f"{name:<10}" + "".join(f"{r[c]:>15.2f}" for c in cols) + f"{100 * r['total'] / msm_s:>10.1f}")
+        print(f"{name:<10}" + "".join(f"{r[c]:>15.3f}" for c in cols) + f"{100 * r['total'] / msm_s:>10.1f}")
     settings = sum(len(REDUCTION_STUDIES[s]) for s in args.studies)
     print(f"\n{' + '.join(args.studies)} ({settings} settings) + rscin (6 settings): the sweep of {len(rows)} categories = {100 * sum(r['total'] for r in rows) / msm_s:.1f} % "
           f"of one category's MSM (target: < 10 %)")

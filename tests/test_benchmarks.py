@@ -35,7 +35,8 @@ def test_study_benchmark_prints_the_sweep_against_one_msm(monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("studies_benchmark", REPO / "benchmarks" / "studies.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(sys, "argv", ["studies.py", "--images", "8", "--categories", "2", "--threads", "1"])
+    monkeypatch.setattr(sys, "argv", ["studies.py", "--images", "8", "--categories", "2", "--threads", "1",
+                                      "--studies", "interval_start", "msm_variants", "percentage"])
     threads = torch.get_num_threads()
     try:
         bench.main()
@@ -50,6 +51,7 @@ def test_study_benchmark_prints_the_sweep_against_one_msm(monkeypatch, capsys):
     for r in rows.values():
         assert r[1] > 0 and r[3] > 0 and abs(sum(r[:4]) - r[4]) < 0.05
     assert abs(rows["1"][4] + rows["2"][4] - rows["all"][4]) < 0.05
+    assert lines[-1].startswith("interval_start + msm_variants + percentage (22 settings) + rscin (6 settings)")
     assert "of one category's MSM (target: < 10 %)" in lines[-1]
 
 
