@@ -76,7 +76,7 @@ def sweep(sims_file: Path, studies: list[str], grid: int, size: int, tokens, lab
         out = ablation.evaluate(scores, (grid, grid), size, tokens, WINDOWS, labels, masks)
         t["maps_rscin"] += out["rescore_s"]
         t["metrics"] += out["evaluate_s"]
-    # the RsCIN study: every window setting on the stored MSM image scores (those of the paper's interval)
+    # the RsCIN study: every window setting on one column of image scores (its cost depends on N only)
     c = maps.from_msm_scores(torch.rand(len(labels), 1, 1, grid * grid), (grid, grid), size)[1]
     for windows in ablation.rscin_settings(WINDOWS).values():
         t0 = time.perf_counter()

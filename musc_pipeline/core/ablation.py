@@ -199,14 +199,15 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
 def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
     """sklearn's ``roc_auc_score(masks.ravel(), amaps.ravel())`` counted by ranks (Mann–Whitney):
     P(defect pixel scores above a normal one) + ½ P(tie), from sorts of the map values in their
-    own dtype — ≈ 25× faster than sklearn's float64 argsort and label checks, exact up to the final
+    own dtype — ≈ 15× faster than sklearn's float64 argsort and label checks, exact up to the final
     division. masks: N×S×S bool, amaps: N×S×S, both classes present.
 
     For each defect pixel p: normal pixels below = #all < p − #defect < p, and ≤ likewise; the
     AUC sums (below + ≤) / 2. Over the defect pixels, Σ (#defect < p + #defect ≤ p) = n_pos²
     whatever the ties, so only the searches in all the values remain. Counts add over any
     partition of the values, so each of torch's threads sorts and searches its own part
-    (NumPy's sort and search release the GIL): ≈ 1.7× faster on 2 cores than one sort.
+    (NumPy's sort and search release the GIL): ≈ 1.8× faster again on 2 cores (19.3 M values:
+    0.49 s with one sort, 0.27 s with two parts).
     """
     scores = amaps.ravel()
     pos = np.sort(scores[masks.ravel().astype(bool)])  # sorted queries: each search starts where the last ended
