@@ -45,6 +45,15 @@ def test_reaggregated_intervals_equal_fresh_msm_runs(s):
         assert torch.allclose(got[name], fresh, rtol=0, atol=TOL), name
 
 
+def test_reaggregation_gives_the_same_bits_in_any_chunk_of_images(monkeypatch):
+    ys = _maps(n=7)
+    sims, pool = ablation.sorted_similarities(ys, [np.arange(7)], (1, 3))
+    whole = ablation.reaggregate(sims, pool, ablation.PERCENTAGES)
+    monkeypatch.setattr(ablation, "CHUNK_BYTES", 1)  # one image a chunk
+    for name, scores in ablation.reaggregate(sims, pool, ablation.PERCENTAGES).items():
+        assert torch.equal(scores, whole[name]), name
+
+
 def test_msm_variants_follow_their_definition():
     """Tab. 5: min / max / mean over all N − 1 distances or over the lowest 30 %."""
     ys = _maps(n=11)

@@ -37,7 +37,9 @@ Reduce = Literal["mean", "min", "max"]
 #: AS = pixel AUROC. Pixel F1-max, AP and PRO are left to ``category_metrics`` (each costs a
 #: sort of every pixel per setting).
 STUDY_METRICS = (*metrics.IMAGE_METRICS, "pixel_auroc")
-_CHUNK_IMAGES = 8  # images re-aggregated at a time: bounds the float64 working copy
+#: reaggregate's float64 working copy (distances and prefix sums) per chunk of images: small enough
+#: to stay in cache (8 MB: 1.9× faster than 57 MB chunks at the musc profile's shapes, same bits)
+CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,9 @@ def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str,
     end = max(k.stop for k in keep.values())  # distances past every interval are not needed
     sums = torch.empty((*sims.shape[:-1], len(sums_at)), dtype=torch.float64)
     dists = torch.empty((*sims.shape[:-1], len(dist_at)), dtype=torch.float64)
-    for start in range(0, n, _CHUNK_IMAGES):
-        part = slice(start, min(start + _CHUNK_IMAGES, n))
+    step = max(1, CHUNK_BYTES // (math.prod(sims.shape[1:-1]) * (end + 1) * 8))
+    for start in range(0, n, step):
+        part = slice(start, min(start + step, n))
         dist = _distances(sims[part, ..., :end])  # chunk×L×R×P×end, ascending
         prefix = torch.zeros((*dist.shape[:-1], end + 1), dtype=torch.float64)
         torch.cumsum(dist, dim=-1, out=prefix[..., 1:])  # prefix[..., k] = Σ of the k smallest
@@ -210,7 +213,7 @@ def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
     0.49 s with one sort, 0.27 s with two parts).
     """
     scores = amaps.ravel()
-    pos = np.sort(scores[masks.ravel().astype(bool)])  # sorted queries: each search starts where the last ended
+    pos = np.sort(scores[np.asarray(masks, dtype=bool).ravel()])  # sorted queries: each search starts where the last ended
     n_pos, n_neg = pos.size, scores.size - pos.size
     parts = max(1, min(torch.get_num_threads(), scores.size // 2**20))  # ≥ 1 M values a part
     bounds = [scores.size * k // parts for k in range(parts + 1)]
