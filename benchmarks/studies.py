@@ -127,7 +127,8 @@ def main() -> None:
         name = "all" if k == len(rows) else str(k + 1)
         print(f"{name:<10}" + "".join(f"{r[c]:>15.3f}" for c in cols) + f"{100 * r['total'] / msm_s:>10.1f}")
     settings = sum(len(REDUCTION_STUDIES[s]) for s in args.studies)
-    print(f"\n{' + '.join(args.studies)} ({settings} settings) + rscin (6 settings): the sweep of {len(rows)} categories = {100 * sum(r['total'] for r in rows) / msm_s:.1f} % "
+    print(f"\n{' + '.join(args.studies)} ({settings} settings) + rscin ({len(ablation.rscin_settings(WINDOWS))} settings): "
+          f"the sweep of {len(rows)} categories = {100 * sum(r['total'] for r in rows) / msm_s:.1f} % "
           f"of one category's MSM (target: < 10 %)")
 
 
