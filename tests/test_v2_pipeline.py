@@ -10,7 +10,7 @@ from dagster import AssetKey, DagsterInstance
 from conftest import small_settings
 from musc_pipeline.assets.summary import variant_groups
 from musc_pipeline.definitions import build_definitions
-from musc_pipeline.reports import RunData, render
+from musc_pipeline.reports import RunData, inputs, render
 from musc_pipeline.settings import BackboneSettings, MethodSettings, ProfileSettings
 
 STAGES = ["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
@@ -78,7 +78,7 @@ def test_variant_groups_pair_variants_with_the_paper_profile_of_their_backbone(t
 
 def test_variants_page_renders_deltas_escaped(tmp_path):
     def run(profile: str, auroc: float) -> RunData:
-        metrics = pd.DataFrame([{"dataset": "piped", "category": c, **{k: auroc for k in render.METRICS},
+        metrics = pd.DataFrame([{"dataset": "piped", "category": c, **{k: auroc for k in inputs.METRICS},
                                  "n_images": 4, "n_anomalous": 2, "notes": ""} for c in ("A", "<b>B</b>")])
         return RunData(profile=profile, description="<i>d</i>", metrics=metrics, facts={}, random_init=False)
 
@@ -86,8 +86,8 @@ def test_variants_page_renders_deltas_escaped(tmp_path):
     index = render.render_reports(tmp_path, runs, None, variants={"musc": ["musc_v2", "musc_topk"]})
     html = (tmp_path / "variants_musc.html").read_text()
     assert 'href="variants_musc.html"' in index.read_text()
-    assert html.count('<span class="diff pos">+5.0</span>') == 3 * len(render.METRICS)  # 2 categories + mean
-    assert html.count('<span class="diff neg">-5.0</span>') == 3 * len(render.METRICS)
+    assert html.count('<span class="diff pos">+5.0</span>') == 3 * len(inputs.METRICS)  # 2 categories + mean
+    assert html.count('<span class="diff neg">-5.0</span>') == 3 * len(inputs.METRICS)
     assert "<b>B</b>" not in html and "&lt;b&gt;B&lt;/b&gt;" in html and "<i>d</i>" not in html
     with pytest.raises(ValueError, match="unknown"):
         render.render_reports(tmp_path, runs, None, variants={"musc": ["nope"]})

@@ -29,7 +29,7 @@ from musc_pipeline.assets.metadata import md_table, table_metadata
 from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core import metrics
 from musc_pipeline.core.preprocess import mask_array, resolve_mask_rule
-from musc_pipeline.reports.render import load_reference
+from musc_pipeline.reports.inputs import load_reference
 from musc_pipeline.resources.datasets import read_mask
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint

@@ -27,7 +27,7 @@ from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
 from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
-from musc_pipeline.reports import figures, render
+from musc_pipeline.reports import RunData, figures, load_reference, render, slug
 from musc_pipeline.reports.studies import render_study_pages
 from musc_pipeline.resources.datasets import read_image
 from musc_pipeline.resources.storage import ArrayBundle, rebuild_catalog
@@ -111,8 +111,8 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
 
 
 def figure_dir(settings: Settings, profile: str, dataset: str, category: str) -> Path:
-    safe = render.slug(category)
-    return Path(settings.reports_dir) / "figures" / render.slug(profile) / render.slug(dataset) / safe
+    safe = slug(category)
+    return Path(settings.reports_dir) / "figures" / slug(profile) / slug(dataset) / safe
 
 
 def build_global_assets(settings: Settings) -> list:
@@ -158,12 +158,12 @@ def build_global_assets(settings: Settings) -> list:
                     }
             backbone = settings.profiles[p].backbone
             random_init = bool(df["random_init"].any()) if df is not None else backbone.weights == "random"
-            runs.append(render.RunData(
+            runs.append(RunData(
                 profile=p, description=settings.profiles[p].description, metrics=df,
                 facts=run_facts(p, settings.profiles[p], df if df is not None else pd.DataFrame()),
                 random_init=random_init, figures=figs, layouts={d: cfg.layout for d, cfg in settings.datasets.items()},
             ))
-        reference = render.load_reference(REFERENCE_CSV)
+        reference = load_reference(REFERENCE_CSV)
         configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
         if not (out_dir / "studies.html").is_file():  # the index links it: until study_pages runs, "not yet"
             render_study_pages(out_dir, pd.DataFrame(columns=["study"]))

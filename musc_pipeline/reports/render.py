@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,23 +24,13 @@ import pandas as pd
 
 from .cells import Reference, count, delta_cell, is_nan, mean_over_categories, value_cell
 from .conventions import conventions
+from .inputs import GROUPS, HEADLINE, METRIC_LABELS, METRICS, RunData, datasets, metrics_frame
 from .paths import escapes, inside, safe_relpath, slug
 
 TEMPLATES = Path(__file__).parent / "templates"
 CSS_NAME = "report.css"
 BANNER = "RANDOMLY INITIALISED BACKBONE — not a pretrained model; numbers are a baseline only"
 
-GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("Classification", (("image_auroc", "AUROC"), ("image_f1_max", "F1-max"), ("image_ap", "AP"))),
-    (
-        "Segmentation",
-        (("pixel_auroc", "AUROC"), ("pixel_f1_max", "F1-max"), ("pixel_ap", "AP"), ("pixel_pro", "PRO")),
-    ),
-)
-METRICS: tuple[str, ...] = tuple(key for _, cols in GROUPS for key, _ in cols)
-METRIC_LABELS: dict[str, str] = {key: f"{'Image' if g == 'Classification' else 'Pixel'} {label}"
-                                 for g, cols in GROUPS for key, label in cols}
-HEADLINE: tuple[str, ...] = ("image_auroc", "pixel_auroc")
 FIGURE_KINDS: tuple[tuple[str, str], ...] = (
     ("qualitative", "Qualitative examples"),
     ("histograms", "Score histograms"),
@@ -49,61 +38,9 @@ FIGURE_KINDS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass
-class RunData:
-    profile: str  # e.g. "musc", "random_vit"
-    description: str
-    # one row per materialized category: dataset, category, METRICS (fractions or NaN), n_images,
-    # n_anomalous, notes; None (or no rows): no category materialized yet
-    metrics: pd.DataFrame | None
-    facts: dict[str, str]  # run facts: backbone, weights sha256, image size, timings, versions, date, …
-    random_init: bool  # True -> a loud banner on every page of this run and on its section of the index
-    # (dataset, category) -> kind -> relpath, for the categories whose category_figures exist
-    figures: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
-    layouts: dict[str, str] = field(default_factory=dict)  # dataset -> layout, for the authors' mask rule
-
-
 #: Fact keys shown from RunData's own fields (or the page's lede), never repeated from ``facts``.
 OWN_FACTS = {"profile", "description", "randomly initialised", "randomly initialised backbone", "random init"}
 NOT_MATERIALIZED = "not yet materialized"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def load_reference(path: Path) -> pd.DataFrame:
-    """The paper's per-category numbers (×100) with a ``mean`` row per dataset."""
-    ref = pd.read_csv(path, dtype={"dataset": str, "category": str})
-    missing = {"dataset", "category", *METRICS} - set(ref.columns)
-    if missing:
-        raise ValueError(f"{path}: reference table lacks columns {sorted(missing)}")
-    ref["dataset"] = ref["dataset"].str.strip()
-    ref["category"] = ref["category"].str.strip()
-    for key in METRICS:
-        ref[key] = pd.to_numeric(ref[key], errors="coerce")
-    return ref
-
-
-def _metrics_frame(run: RunData) -> pd.DataFrame:
-    if run.metrics is None or (run.metrics.empty and not len(run.metrics.columns)):
-        df = pd.DataFrame({"dataset": pd.Series(dtype=str), "category": pd.Series(dtype=str)})
-    else:
-        df = run.metrics.copy()
-    for col in ("dataset", "category"):
-        if col not in df.columns:
-            raise ValueError(f"run {run.profile!r}: metrics table lacks a {col!r} column")
-        df[col] = df[col].astype(str)
-    for key in METRICS:
-        df[key] = pd.to_numeric(df[key], errors="coerce") if key in df.columns else math.nan
-    for key in ("n_images", "n_anomalous"):
-        if key not in df.columns:
-            df[key] = math.nan
-    df["notes"] = df["notes"].fillna("").astype(str) if "notes" in df.columns else ""
-    return df.reset_index(drop=True)
-
-
-def _datasets(df: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(df["dataset"]))
 
 
 # --------------------------------------------------------------------------- pages
@@ -255,7 +192,7 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: Ref
 def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -> list[dict]:
     (_, da), (_, db) = a, b
     sections = []
-    for dataset in dict.fromkeys(_datasets(da) + _datasets(db)):
+    for dataset in dict.fromkeys(datasets(da) + datasets(db)):
         pa, pb = da[da["dataset"] == dataset], db[db["dataset"] == dataset]
         merged = pa.merge(pb, on=["dataset", "category"], suffixes=("_a", "_b"), how="inner", sort=False)
         rows = []
@@ -324,7 +261,7 @@ def render_reports(
     profiles = [r.profile for r in runs]
     if len(set(profiles)) != len(profiles):
         raise ValueError(f"render_reports: run profiles must be unique, got {profiles}")
-    frames = [(run, _metrics_frame(run)) for run in runs]
+    frames = [(run, metrics_frame(run)) for run in runs]
     expected: dict[str, list[str]] = {}
     for dataset, category in categories or []:
         expected.setdefault(str(dataset), []).append(str(category))
@@ -358,7 +295,7 @@ def render_reports(
     for run, df in frames:
         done = set(zip(df["dataset"], df["category"]))
         missing = {d: [c for c in cats if (d, c) not in done] for d, cats in expected.items()}
-        files = [(d, names.take(run.profile, d)) for d in _datasets(df)]
+        files = [(d, names.take(run.profile, d)) for d in datasets(df)]
         pages = [{"dataset": d, "file": f, "href": _href(f), "missing": missing.get(d, [])} for d, f in files]
         unpaged = [{"dataset": d, "missing": cats} for d, cats in missing.items() if cats and d not in dict(files)]
         run_links.append({"profile": run.profile, "description": run.description,
@@ -395,7 +332,7 @@ def render_reports(
             sections=_variants(involved[0], involved[1:]), groups=GROUPS,
         )
 
-    all_datasets = list(dict.fromkeys([d for _, df in frames for d in _datasets(df)] + list(expected)))
+    all_datasets = list(dict.fromkeys([d for _, df in frames for d in datasets(df)] + list(expected)))
     write(
         "index.html", "index.html",
         runs=run_links, compare=compare_info, variant_pages=variant_pages, studies=studies and _href(studies),
