@@ -72,8 +72,9 @@ def sweep(sims_file: Path, studies: list[str], grid: int, size: int, tokens, lab
     all_scores = ablation.reaggregate(stored["similarities"], stored["pool"],
                                       {k: r for study in studies for k, r in REDUCTION_STUDIES[study].items()})
     t["load"], t["reaggregate"] = t1 - t0, time.perf_counter() - t1
+    maps_out = torch.empty(len(labels), size, size)  # as CategoryTruth: one scratch for the settings' maps
     for scores in all_scores.values():
-        out = ablation.evaluate(scores, (grid, grid), size, tokens, WINDOWS, labels, masks)
+        out = ablation.evaluate(scores, (grid, grid), size, tokens, WINDOWS, labels, masks, maps_out=maps_out)
         t["maps_rscin"] += out["rescore_s"]
         t["metrics"] += out["evaluate_s"]
     # the RsCIN study: every window setting on one column of image scores (its cost depends on N only)

@@ -469,6 +469,16 @@ def test_smoothing_is_off_by_default_and_changes_maps_when_on():
     assert smooth.shape == plain.shape and (smooth - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_maps_written_into_a_reused_scratch_equal_new_maps(sigma):
+    scratch = torch.full((3, 37, 37), float("nan"))
+    for seed in (10, 11):  # the second call overwrites the first's maps
+        s = torch.from_numpy(np.random.default_rng(seed).uniform(size=(3, 5 * 6)))
+        new = maps.anomaly_maps(s, (5, 6), 37, sigma)
+        assert torch.equal(maps.anomaly_maps(s, (5, 6), 37, sigma, out=scratch), new)
+    assert torch.equal(scratch, maps.anomaly_maps(s, (5, 6), 37))  # the upsampled maps, before any smoothing
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mode", ["zero_shot", "few_shot"])
 def test_row_chunks_beyond_the_result_budget_give_the_same_scores(mode, strategy):

@@ -15,7 +15,7 @@ from dagster import AssetKey, DagsterInstance
 
 from conftest import DEMO, make_category
 from musc_pipeline import run_studies
-from musc_pipeline.core import ablation, lnamd, maps, metrics, msm, rscin, subsets
+from musc_pipeline.core import ablation, auroc, lnamd, maps, metrics, msm, reaggregate_kernel, rscin, subsets
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.reports.studies import STUDIES, page_name
 from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings, StudySettings
@@ -45,13 +45,22 @@ def test_reaggregated_intervals_equal_fresh_msm_runs(s):
         assert torch.allclose(got[name], fresh, rtol=0, atol=TOL), name
 
 
-def test_reaggregation_gives_the_same_bits_in_any_chunk_of_images(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reaggregation_kernel_gives_the_torch_path_s_bits_in_any_chunk_of_images(monkeypatch, threads):
     ys = _maps(n=7)
-    sims, pool = ablation.sorted_similarities(ys, [np.arange(7)], (1, 3))
-    whole = ablation.reaggregate(sims, pool, ablation.PERCENTAGES)
-    monkeypatch.setattr(ablation, "CHUNK_BYTES", 1)  # one image a chunk
-    for name, scores in ablation.reaggregate(sims, pool, ablation.PERCENTAGES).items():
-        assert torch.equal(scores, whole[name]), name
+    sims, pool = ablation.sorted_similarities(ys, [np.arange(4), np.arange(4, 7)], (1, 3))  # pools of 3 and 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr(reaggregate_kernel, "MIN_PART_ROWS", 100)  # 700 rows: one part a thread
+    try:
+        kernel = ablation.reaggregate(sims, pool, ablation.PERCENTAGES | ablation.MSM_VARIANTS)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(reaggregate_kernel, "load", lambda: None)  # no C compiler: torch operations
+    for chunk in (1, reaggregate_kernel.CHUNK_BYTES):  # one image a chunk; all at once
+        monkeypatch.setattr(reaggregate_kernel, "CHUNK_BYTES", chunk)
+        for name, scores in ablation.reaggregate(sims, pool, ablation.PERCENTAGES | ablation.MSM_VARIANTS).items():
+            assert torch.equal(scores, kernel[name]), (chunk, name)
 
 
 def test_msm_variants_follow_their_definition():
@@ -67,8 +76,9 @@ def test_msm_variants_follow_their_definition():
         assert torch.allclose(got[name][:, 0, 0].double(), expected[name], atol=TOL), name
 
 
-@pytest.mark.parametrize("shape, threads", [((3, 16, 16), 1), ((3, 1024, 1024), 3)])  # one part; 3 sorted in threads
-def test_pixel_auroc_by_ranks_equals_sklearn_with_ties(shape, threads):
+@pytest.mark.parametrize("kernel", [True, False])  # the C merge; NumPy's searches (no compiler)
+@pytest.mark.parametrize("shape, threads", [((3, 16, 16), 1), ((3, 1024, 1024), 3)])  # one part; sorted in threads
+def test_pixel_auroc_by_ranks_equals_sklearn_with_ties(monkeypatch, shape, threads, kernel):
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
@@ -77,10 +87,15 @@ def test_pixel_auroc_by_ranks_equals_sklearn_with_ties(shape, threads):
     amaps = levels.astype(np.float32) / 7
     expected = roc_auc_score(masks.ravel(), amaps.ravel().astype(np.float64))
     assert 0.6 < expected < 0.95
+    if kernel:
+        monkeypatch.setattr(auroc, "PART_VALUES", 2**20 // 3)  # 10 parts over 3 threads
+    else:
+        monkeypatch.setattr(auroc, "load", lambda: None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert abs(ablation.pixel_auroc(masks, amaps) - expected) <= 1e-12
+        assert abs(auroc.pixel_auroc(masks, amaps) - expected) <= 1e-12
+        assert abs(auroc.pixel_auroc(masks, amaps.astype(np.float64)) - expected) <= 1e-12  # NumPy's path
     finally:
         torch.set_num_threads(before)
 

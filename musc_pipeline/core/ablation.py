@@ -23,23 +23,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from musc_pipeline.core import maps, metrics, msm, rscin
+from musc_pipeline.core import auroc, maps, metrics, msm, reaggregate_kernel, rscin
 
 Reduce = Literal["mean", "min", "max"]
 #: The metrics of the paper's ablation tables: AC = image AUROC (and F1-max / AP for RsCIN),
 #: AS = pixel AUROC. Pixel F1-max, AP and PRO are left to ``category_metrics`` (each costs a
 #: sort of every pixel per setting).
 STUDY_METRICS = (*metrics.IMAGE_METRICS, "pixel_auroc")
-#: reaggregate's float64 working copy (distances and prefix sums) per chunk of images: small enough
-#: to stay in cache (8 MB: 1.9× faster than 57 MB chunks at the musc profile's shapes, same bits)
-CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -99,22 +95,16 @@ def sorted_similarities(
     return out, pool
 
 
-def _distances(sims: torch.Tensor) -> torch.Tensor:
-    """a = √(2 − 2S) in float64, as :func:`msm.interval_mean_distance` (in place on one copy)."""
-    return sims.double().mul_(-2.0).add_(2.0).clamp_(min=0.0).sqrt_()
-
-
 def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str, Reduction]) -> dict[str, torch.Tensor]:
     """s_{l,r}(i, m) of every MSM variant in ``reductions``, in one pass over S. -> {name: N×L×R×P float32}.
 
     sims: N×L×R×P×W descending (:func:`sorted_similarities`), pool: N. The kept positions are
     :func:`msm.interval_slice` of each image's pool size, so ``Reduction(interval)`` equals
     ``msm.score_stages(..., interval)``: min and max exactly, the mean up to float64 rounding of
-    the prefix sums (~1e-14). The distances (float64, as MSM) and their prefix sums are made once
-    for all the variants, a few images at a time (float32 sums of ~N values would move a
-    one-value interval by more than 1e-6); padding (−inf similarity) is never read.
+    the prefix sums (~1e-14). The distances (float64, as MSM; float32 sums of ~N values would
+    move a one-value interval by more than 1e-6) and their prefix sums are made once for all the
+    variants (:mod:`reaggregate_kernel`); padding (−inf similarity) is never read.
     """
-    n = sims.shape[0]
     pools = pool.unique().tolist()
     keep = {(n_valid, name): msm.interval_slice(n_valid, r.interval) for n_valid in pools for name, r in reductions.items()}
     # the positions read: prefix sums at the ends of the means, distances at the min / max
@@ -122,26 +112,21 @@ def reaggregate(sims: torch.Tensor, pool: torch.Tensor, reductions: Mapping[str,
     dist_at = sorted({k.start if reductions[name].reduce == "min" else k.stop - 1
                       for (_, name), k in keep.items() if reductions[name].reduce != "mean"})
     end = max(k.stop for k in keep.values())  # distances past every interval are not needed
-    sums = torch.empty((*sims.shape[:-1], len(sums_at)), dtype=torch.float64)
-    dists = torch.empty((*sims.shape[:-1], len(dist_at)), dtype=torch.float64)
-    step = max(1, CHUNK_BYTES // (math.prod(sims.shape[1:-1]) * (end + 1) * 8))
-    for start in range(0, n, step):
-        part = slice(start, min(start + step, n))
-        dist = _distances(sims[part, ..., :end])  # chunk×L×R×P×end, ascending
-        prefix = torch.zeros((*dist.shape[:-1], end + 1), dtype=torch.float64)
-        torch.cumsum(dist, dim=-1, out=prefix[..., 1:])  # prefix[..., k] = Σ of the k smallest
-        sums[part], dists[part] = prefix[..., sums_at], dist[..., dist_at]
+    sums, dists = reaggregate_kernel.distance_sums(sims, end, sums_at, dist_at)
     out = {}
     for name, r in reductions.items():
-        value = torch.empty(sims.shape[:-1], dtype=torch.float32)
+        per_pool = []
         for n_valid in pools:
             k = keep[n_valid, name]
             if r.reduce == "mean":
-                v = (sums[..., sums_at.index(k.stop)] - sums[..., sums_at.index(k.start)]) / (k.stop - k.start)
+                v = (sums[sums_at.index(k.stop)] - sums[sums_at.index(k.start)]).div_(k.stop - k.start)
             else:
-                v = dists[..., dist_at.index(k.start if r.reduce == "min" else k.stop - 1)]
+                v = dists[dist_at.index(k.start if r.reduce == "min" else k.stop - 1)]
+            per_pool.append(v.float())
+        value = per_pool[0]
+        for n_valid, v in zip(pools[1:], per_pool[1:]):
             rows = pool == n_valid
-            value[rows] = v[rows].float()
+            value[rows] = v[rows]
         out[name] = value
     return out
 
@@ -195,51 +180,23 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
     if labels is not None:
         values |= metrics.image_metrics(labels, image_scores).values
     if masks is not None and amaps is not None and masks.any() and not masks.all():
-        values["pixel_auroc"] = pixel_auroc(masks, amaps)
+        values["pixel_auroc"] = auroc.pixel_auroc(masks, amaps)
     return values
-
-
-def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
-    """sklearn's ``roc_auc_score(masks.ravel(), amaps.ravel())`` counted by ranks (Mann–Whitney):
-    P(defect pixel scores above a normal one) + ½ P(tie), from sorts of the map values in their
-    own dtype — ≈ 15× faster than sklearn's float64 argsort and label checks, exact up to the final
-    division. masks: N×S×S bool, amaps: N×S×S, both classes present.
-
-    For each defect pixel p: normal pixels below = #all < p − #defect < p, and ≤ likewise; the
-    AUC sums (below + ≤) / 2. Over the defect pixels, Σ (#defect < p + #defect ≤ p) = n_pos²
-    whatever the ties, so only the searches in all the values remain. Counts add over any
-    partition of the values, so each of torch's threads sorts and searches its own part
-    (NumPy's sort and search release the GIL): ≈ 1.8× faster again on 2 cores (19.3 M values:
-    0.49 s with one sort, 0.27 s with two parts).
-    """
-    scores = amaps.ravel()
-    pos = np.sort(scores[np.asarray(masks, dtype=bool).ravel()])  # sorted queries: each search starts where the last ended
-    n_pos, n_neg = pos.size, scores.size - pos.size
-    parts = max(1, min(torch.get_num_threads(), scores.size // 2**20))  # ≥ 1 M values a part
-    bounds = [scores.size * k // parts for k in range(parts + 1)]
-
-    def count(lo: int, hi: int) -> int:
-        part = np.sort(scores[lo:hi])
-        return int(np.searchsorted(part, pos, "left").sum()) + int(np.searchsorted(part, pos, "right").sum())
-
-    if parts == 1:
-        both = count(0, scores.size)
-    else:
-        with ThreadPoolExecutor(parts) as pool:
-            both = sum(pool.map(count, bounds[:-1], bounds[1:]))
-    return (both - n_pos * n_pos) / (2 * n_pos * n_neg)
 
 
 def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, class_tokens: torch.Tensor,
              windows: Sequence[int], labels: np.ndarray | None, masks: np.ndarray | None,
              precision: str = "float32", smoothing_sigma: float = 0.0, image_score: str = "max",
-             image_score_q: float = 0.01) -> dict[str, float]:
+             image_score_q: float = 0.01, maps_out: torch.Tensor | None = None) -> dict[str, float]:
     """The pipeline from s_{l,r}(i, m) on: maps, c_i, RsCIN, STUDY_METRICS. scores: N×L×R×P.
+    ``maps_out``: an N×S×S float32 scratch for the maps, for a study's settings to share
+    (:func:`maps.anomaly_maps`).
 
     Also returns ``rescore_s`` (maps and RsCIN) and ``evaluate_s`` (metrics), in seconds.
     """
     t0 = time.perf_counter()
-    amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma, image_score, image_score_q)  # N×S×S, N
+    amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma, image_score, image_score_q,
+                                    maps_out)  # N×S×S, N
     final = rscin.rescore(c, class_tokens, tuple(windows), precision)
     t1 = time.perf_counter()
     values = score_metrics(labels, final.numpy(), masks, amaps.numpy())

@@ -28,12 +28,20 @@ def patch_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def anomaly_maps(
-    scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0
+    scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """scores: N×P patch scores -> N×S×S float32 maps."""
+    """scores: N×P patch scores -> N×S×S float32 maps.
+
+    ``out`` (N×S×S float32): where the upsampled maps go, the same bits as a new tensor. For
+    callers that make many maps of one shape (the studies): a new 77 MB map costs more in page
+    faults than the interpolation itself (musc profile: 27 ms into ``out``, 63 ms new)."""
     n = scores.shape[0]
     x = scores.float().reshape(n, 1, *grid)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    if out is None:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    else:  # F.interpolate's own operator, in its out= form
+        x = torch.ops.aten.upsample_bilinear2d.out(x, [size, size], True, None, None, out=out.view(n, 1, size, size))
     if smoothing_sigma > 0:
         k = 2 * math.ceil(4 * smoothing_sigma) + 1
         x = gaussian_blur(x, kernel_size=[k, k], sigma=[smoothing_sigma, smoothing_sigma])
@@ -58,8 +66,8 @@ def image_scores(maps: torch.Tensor, method: str = "max", q: float = 0.01) -> to
 
 def from_msm_scores(
     scores: torch.Tensor, grid: tuple[int, int], size: int, smoothing_sigma: float = 0.0,
-    image_score: str = "max", q: float = 0.01,
+    image_score: str = "max", q: float = 0.01, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSM scores N×L×R×P -> (N×S×S anomaly maps, N image scores c_i): this module in one call."""
-    amaps = anomaly_maps(patch_scores(scores), grid, size, smoothing_sigma)
+    amaps = anomaly_maps(patch_scores(scores), grid, size, smoothing_sigma, out)
     return amaps, image_scores(amaps, image_score, q)

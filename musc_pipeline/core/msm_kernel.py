@@ -1,28 +1,23 @@
-"""The box-filter kernel of MSM (:mod:`msm`, ``strategy="box_filter"``): a small C function,
-compiled with the system's ``cc`` on first use in a process (about a second), run through ctypes.
+"""The box-filter kernel of MSM (:mod:`msm`, ``strategy="box_filter"``): a small C function
+(:mod:`native`: compiled on first use in a process, about a second).
 
 Why C: per image pair the r×r box filter over both patch grids, the scaling by the inverse
 window norms and the row and column maxima are a few operations per element of the P×P
 block, against 2C for the product that made it. Done with torch operations that is some 30
 passes over memory per block, more than the product itself on a 2-core CPU; in C it is one
-pass while the block is in cache (13–15 % of the product's time, measured). torch's own
-C++-extension builder would work too, but builds against torch's C++ headers (much slower to
-compile, and it needs a C++ toolchain); this needs only a C compiler, and without one MSM
-uses ``per_degree`` (same results).
+pass while the block is in cache (13–15 % of the product's time, measured). Without a C
+compiler MSM uses ``per_degree`` (same results).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Sequence
 
 import torch
+
+from musc_pipeline.core import native
 
 NORMS_CHUNK_BYTES = 2 * 2**20  # inverse_window_norms: images at a time, to stay in cache
 
@@ -200,22 +195,9 @@ void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The kernel, compiled once per process (about a second) for this CPU; None without cc."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
+    dll = native.compile_library("MSM box_filter kernel", _SOURCE, "using per_degree")
+    if dll is None:
         return None
-    tmp = tempfile.mkdtemp(prefix="musc-msm-")
-    src, lib = os.path.join(tmp, "box.c"), os.path.join(tmp, "box.so")
-    with open(src, "w") as f:
-        f.write(_SOURCE)
-    for flags in (["-march=native"], []):  # a compiler that does not know -march=native still works
-        run = subprocess.run([cc, "-O3", *flags, "-shared", "-fPIC", "-o", lib, src], capture_output=True, text=True)
-        if run.returncode == 0:
-            break
-    else:
-        warnings.warn(f"MSM box_filter kernel did not compile ({run.stderr[-500:]}); using per_degree", stacklevel=2)
-        return None
-    dll = ctypes.CDLL(lib)
-    shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
     dll.msm_box_pairs.restype = None
     dll.msm_box_pairs.argtypes = [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,

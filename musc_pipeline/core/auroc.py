@@ -1,0 +1,87 @@
+"""Exact AUROC of many scores (the studies' pixel AUROC): counts by ranks, no ROC curve.
+
+sklearn's ``roc_auc_score(labels, scores)`` is P(positive scores above a negative) + ½ P(tie)
+(Mann–Whitney). For each positive p: negatives below = #all < p − #positives < p, and ≤
+likewise, so the AUC sums (#all < p + #all ≤ p) / 2 over the positives, less the positives'
+own share: Σ_p (#pos < p + #pos ≤ p) = n_pos² whatever the ties. Counts over all the values
+add over any partition of them, so each part is sorted on its own (NumPy's sort, in worker
+threads: it releases the GIL) and counted against the sorted positives.
+
+The count of one sorted part is a merge, one pass over both (a few lines of C, :mod:`native`);
+without a compiler, NumPy's binary searches (the same integers, ≈ 40 % of the time on top of
+the sort). At the musc profile's shapes (19.3 M values, 2 % positive) one AUROC takes 0.15 s
+on 2 cores, against 0.25 s with the searches and ≈ 4 s for sklearn.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from musc_pipeline.core import native
+
+#: values per sorted part with the merge kernel: small enough that a sort stays in cache
+#: (2 M: 0.154 s at the musc shapes, 0.163 s with one part per thread), large enough that the
+#: merges, each over all the positives, stay cheap
+PART_VALUES = 2**21
+
+_SOURCE = r"""
+#include <stdint.h>
+/* a: n values ascending, p: m values ascending -> sum over p of (#a < p) + (#a <= p). */
+int64_t rank_sums(const float *a, long n, const float *p, long m)
+{
+    int64_t acc = 0;
+    long lt = 0, le = 0;
+    for (long k = 0; k < m; k++) {
+        const float v = p[k];
+        while (lt < n && a[lt] < v) lt++;
+        if (le < lt) le = lt;
+        while (le < n && a[le] <= v) le++;
+        acc += lt + le;
+    }
+    return acc;
+}
+"""
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The merge kernel, compiled once per process; None without cc."""
+    dll = native.compile_library("AUROC merge kernel", _SOURCE, "using NumPy searches")
+    if dll is None:
+        return None
+    dll.rank_sums.restype = ctypes.c_int64
+    dll.rank_sums.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+    return dll
+
+
+def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:
+    """``roc_auc_score(masks.ravel(), amaps.ravel())``, exact up to the final division.
+    masks: N×S×S bool, amaps: N×S×S (the kernel takes float32; other dtypes take the NumPy
+    path), both classes present."""
+    scores = np.ravel(amaps)
+    pos = np.sort(scores[np.asarray(masks, dtype=bool).ravel()])
+    n_pos, n_neg = pos.size, scores.size - pos.size
+    lib, threads = (load() if scores.dtype == np.float32 else None), torch.get_num_threads()
+    if lib is not None:
+        parts = max(1, -(-scores.size // PART_VALUES))
+    else:  # each part's searches cost a pass over all the positives: as few parts as threads
+        parts = max(1, min(threads, scores.size // 2**20))
+
+    def count(lo: int, hi: int) -> int:
+        part = np.sort(scores[lo:hi])
+        if lib is not None:
+            return lib.rank_sums(part.ctypes.data, part.size, pos.ctypes.data, n_pos)
+        return int(np.searchsorted(part, pos, "left").sum()) + int(np.searchsorted(part, pos, "right").sum())
+
+    bounds = [scores.size * k // parts for k in range(parts + 1)]
+    if parts == 1 or threads == 1:
+        both = sum(map(count, bounds[:-1], bounds[1:]))
+    else:
+        with ThreadPoolExecutor(min(parts, threads)) as pool:
+            both = sum(pool.map(count, bounds[:-1], bounds[1:]))
+    return (both - n_pos * n_pos) / (2 * n_pos * n_neg)
