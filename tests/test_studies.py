@@ -96,6 +96,8 @@ def test_pixel_auroc_by_ranks_equals_sklearn_with_ties(monkeypatch, shape, threa
     try:
         assert abs(auroc.pixel_auroc(masks, amaps) - expected) <= 1e-12
         assert abs(auroc.pixel_auroc(masks, amaps.astype(np.float64)) - expected) <= 1e-12  # NumPy's path
+        assert np.isnan(auroc.pixel_auroc(np.zeros_like(masks), amaps))  # one class: undefined
+        assert np.isnan(auroc.pixel_auroc(np.ones_like(masks), amaps))
     finally:
         torch.set_num_threads(before)
 

@@ -57,12 +57,14 @@ class CategoryTruth:
         self.masks = ground_truth(manifest, self.size, resolve_mask_rule(p.method.mask_rule, cfg.layout))
         self.tokens = torch.from_numpy(features.arrays["class_tokens"])
         self.windows = tuple(p.method.rscin_windows or rscin.windows_for(self.dataset))
-        self.maps_out = torch.empty(len(manifest), self.size, self.size)  # shared by the settings' maps
+        # shared by the settings: RsCIN's operators and a scratch for the maps
+        self.rescoring = rscin.neighbourhoods(self.tokens, self.windows, p.method.rscin_precision)
+        self.maps_out = torch.empty(len(manifest), self.size, self.size)
 
     def evaluate(self, p: ProfileContext, scores: torch.Tensor, grid: tuple[int, int]) -> dict[str, float]:
         m = p.method
-        return ablation.evaluate(scores, grid, self.size, self.tokens, self.windows, self.labels, self.masks,
-                                 m.rscin_precision, m.smoothing_sigma, m.image_score, m.image_score_q, self.maps_out)
+        return ablation.evaluate(scores, grid, self.size, self.rescoring, self.labels, self.masks,
+                                 m.smoothing_sigma, m.image_score, m.image_score_q, self.maps_out)
 
 
 def study_output(p: ProfileContext, study: str, where: CategoryTruth, results: dict[str, dict[str, float]],

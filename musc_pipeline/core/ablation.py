@@ -179,25 +179,26 @@ def score_metrics(labels: np.ndarray | None, image_scores: np.ndarray, masks: np
     values = {k: math.nan for k in STUDY_METRICS}
     if labels is not None:
         values |= metrics.image_metrics(labels, image_scores).values
-    if masks is not None and amaps is not None and masks.any() and not masks.all():
+    if masks is not None and amaps is not None:
         values["pixel_auroc"] = auroc.pixel_auroc(masks, amaps)
     return values
 
 
-def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, class_tokens: torch.Tensor,
-             windows: Sequence[int], labels: np.ndarray | None, masks: np.ndarray | None,
-             precision: str = "float32", smoothing_sigma: float = 0.0, image_score: str = "max",
-             image_score_q: float = 0.01, maps_out: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate(scores: torch.Tensor, grid: tuple[int, int], size: int, rescoring: rscin.Neighbourhoods,
+             labels: np.ndarray | None, masks: np.ndarray | None, smoothing_sigma: float = 0.0,
+             image_score: str = "max", image_score_q: float = 0.01,
+             maps_out: torch.Tensor | None = None) -> dict[str, float]:
     """The pipeline from s_{l,r}(i, m) on: maps, c_i, RsCIN, STUDY_METRICS. scores: N×L×R×P.
-    ``maps_out``: an N×S×S float32 scratch for the maps, for a study's settings to share
-    (:func:`maps.anomaly_maps`).
+    ``rescoring``: the category's RsCIN operators (:func:`rscin.neighbourhoods`, made once for
+    all the settings); ``maps_out``: an N×S×S float32 scratch for the maps, for the settings to
+    share (:func:`maps.anomaly_maps`).
 
     Also returns ``rescore_s`` (maps and RsCIN) and ``evaluate_s`` (metrics), in seconds.
     """
     t0 = time.perf_counter()
     amaps, c = maps.from_msm_scores(scores, grid, size, smoothing_sigma, image_score, image_score_q,
                                     maps_out)  # N×S×S, N
-    final = rscin.rescore(c, class_tokens, tuple(windows), precision)
+    final = rescoring.rescore(c)
     t1 = time.perf_counter()
     values = score_metrics(labels, final.numpy(), masks, amaps.numpy())
     return values | {"rescore_s": t1 - t0, "evaluate_s": time.perf_counter() - t1}

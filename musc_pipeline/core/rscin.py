@@ -51,9 +51,29 @@ def rescore(
     float32 — so near-tied neighbours (1e-7 apart) fall the way they fall in the authors' code.
     ``float64`` computes the same formula in double precision.
     """
-    n = scores.shape[0]
-    if class_tokens.shape[0] != n:
-        raise ValueError(f"{n} scores but {class_tokens.shape[0]} class tokens")
+    return neighbourhoods(class_tokens, windows, precision).rescore(scores)
+
+
+class Neighbourhoods:
+    """D_k⁻¹ W_k for every window k: all of RsCIN that depends on the class tokens alone, made
+    once for the many score columns of one category (the studies re-score each setting's)."""
+
+    def __init__(self, operators: list[torch.Tensor]):
+        self.operators = operators  # N×N each, in the arithmetic's precision
+
+    def rescore(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores: N -> N float64: the mean over the windows of P_k ĉ."""
+        n = self.operators[0].shape[0]
+        if scores.shape[0] != n:
+            raise ValueError(f"{scores.shape[0]} scores but {n} class tokens")
+        c = min_max(scores).to(self.operators[0].dtype)
+        return torch.cat([p @ c[:, None] for p in self.operators], dim=1).mean(dim=1).double()
+
+
+def neighbourhoods(class_tokens: torch.Tensor, windows: Sequence[int] = DEFAULT_WINDOWS,
+                   precision: str = "float32") -> Neighbourhoods:
+    """The operators of :func:`rescore` for these class tokens (N×D, L2-normalised)."""
+    n = class_tokens.shape[0]
     if not windows or any(k < 1 for k in windows):
         raise ValueError(f"RsCIN windows must be positive integers, got {tuple(windows)}")
     dtype = PRECISIONS.get(precision)
@@ -68,8 +88,7 @@ def rescore(
                          f"got norms from {norms.min():.4g} to {norms.max():.4g}")
     t = class_tokens.detach().cpu().to(dtype).numpy()
     w = torch.from_numpy(t @ t.T)  # N×N cosine similarities, W_ii = 1
-    c = min_max(scores).to(dtype)
-    per_window = []
+    operators = []
     for k in windows:
         k = min(int(k), n)
         w_k = w.clone()
@@ -85,6 +104,5 @@ def rescore(
                 "(opposite embeddings), so their weighted average is undefined; use smaller "
                 "windows (method.rscin_windows)"
             )
-        p = (1.0 / sums)[:, None] * w_k  # D⁻¹ W_k
-        per_window.append(p @ c[:, None])  # N×1
-    return torch.cat(per_window, dim=1).mean(dim=1).double()
+        operators.append((1.0 / sums)[:, None] * w_k)  # D⁻¹ W_k
+    return Neighbourhoods(operators)
