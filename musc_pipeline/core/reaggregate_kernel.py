@@ -7,10 +7,12 @@ Per row of S (one image, stage, degree and patch; descending over the other imag
     sums[q]  = a[0] + … + a[sums_at[q] − 1]   summed in order, as torch.cumsum
     dists[q] = a[dist_at[q]]
 
-In C (:mod:`native`) this is one loop per row while the row is in cache, rows split over
-torch's threads; with torch operations it is some six passes over a float64 copy, a few
-images at a time (the path without a compiler). Both give the same bits: ≈ 10× faster at the
-musc profile's shapes (6 interval starts: 0.45 s -> 0.04 s for one category).
+In C (:mod:`native`) this is one pass over S, eight rows at a time while they are in cache,
+rows split over torch's threads; with torch operations (the path without a compiler) it is
+some six passes over a float64 copy, a few images at a time. Both give the same bits. At the
+musc profile's shapes (N = 96, 28×28 grid, 4 stages × 3 degrees) the whole
+:func:`ablation.reaggregate` of the 6 interval starts takes 0.12 s instead of 0.32 s, of the 22
+settings of the three MSM studies 0.27 s instead of 0.80 s (2 cores).
 """
 
 from __future__ import annotations
