@@ -52,12 +52,8 @@ int64_t rank_sums(const float *a, long n, const float *p, long m)
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The merge kernel, compiled once per process; None without cc."""
-    dll = native.compile_library("AUROC merge kernel", _SOURCE, "using NumPy searches")
-    if dll is None:
-        return None
-    dll.rank_sums.restype = ctypes.c_int64
-    dll.rank_sums.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
-    return dll
+    return native.compile_library("AUROC merge kernel", _SOURCE, "using NumPy searches", {
+        "rank_sums": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long])})
 
 
 def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:

@@ -195,17 +195,12 @@ void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The kernel, compiled once per process (about a second) for this CPU; None without cc."""
-    dll = native.compile_library("MSM box_filter kernel", _SOURCE, "using per_degree")
-    if dll is None:
-        return None
-    dll.msm_box_pairs.restype = None
-    dll.msm_box_pairs.argtypes = [
+    return native.compile_library("MSM box_filter kernel", _SOURCE, "using per_degree", {"msm_box_pairs": (None, [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
         ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_void_p, *[ctypes.c_long] * 4,
         ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-    ]
-    return dll
+    ])})
 
 
 class BoxKernel:

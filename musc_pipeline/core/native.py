@@ -16,11 +16,14 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 
 
-def compile_library(what: str, source: str, fallback: str) -> ctypes.CDLL | None:
-    """``source`` built with ``-O3`` for this CPU and loaded; None, with a warning naming
-    ``what`` and the ``fallback`` used instead, when ``cc`` (or ``$CC``) is missing or fails."""
+def compile_library(what: str, source: str, fallback: str,
+                    signatures: Mapping[str, tuple[type | None, Sequence[type]]]) -> ctypes.CDLL | None:
+    """``source`` built with ``-O3`` for this CPU and loaded, its functions' ctypes
+    ``signatures`` set ({name: (restype, argtypes)}); None, with a warning naming ``what`` and the
+    ``fallback`` used instead, when ``cc`` (or ``$CC``) is missing or fails."""
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
@@ -39,4 +42,6 @@ def compile_library(what: str, source: str, fallback: str) -> ctypes.CDLL | None
         return None
     dll = ctypes.CDLL(lib)
     shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
+    for name, (restype, argtypes) in signatures.items():
+        getattr(dll, name).restype, getattr(dll, name).argtypes = restype, list(argtypes)
     return dll

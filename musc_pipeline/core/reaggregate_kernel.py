@@ -78,13 +78,10 @@ void distance_sums(const float *s, long rows, long r_begin, long r_end, long ld,
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The kernel, compiled once per process; None without cc."""
-    dll = native.compile_library("re-aggregation kernel", _SOURCE, "using torch operations")
-    if dll is None:
-        return None
-    dll.distance_sums.restype = None
-    dll.distance_sums.argtypes = [ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    return dll
+    return native.compile_library("re-aggregation kernel", _SOURCE, "using torch operations", {"distance_sums": (None, [
+        ctypes.c_void_p, *[ctypes.c_long] * 4, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+    ])})
 
 
 def distance_sums(sims: torch.Tensor, end: int, sums_at: Sequence[int],
