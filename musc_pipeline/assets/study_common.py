@@ -1,6 +1,7 @@
 """What every study asset of a profile shares: arguments, inputs, the category's ground truth,
 and the long output table (profile, study, setting, setting_order, dataset, category, metric, value)."""
 
+import functools
 import json
 
 import numpy as np
@@ -57,9 +58,16 @@ class CategoryTruth:
         self.masks = ground_truth(manifest, self.size, resolve_mask_rule(p.method.mask_rule, cfg.layout))
         self.tokens = torch.from_numpy(features.arrays["class_tokens"])
         self.windows = tuple(p.method.rscin_windows or rscin.windows_for(self.dataset))
-        # shared by the settings: RsCIN's operators and a scratch for the maps
-        self.rescoring = rscin.neighbourhoods(self.tokens, self.windows, p.method.rscin_precision)
-        self.maps_out = torch.empty(len(manifest), self.size, self.size)
+        self.precision = p.method.rscin_precision
+
+    # made on the first evaluate and shared by the settings; the RsCIN studies re-score their own way
+    @functools.cached_property
+    def rescoring(self) -> rscin.Neighbourhoods:
+        return rscin.neighbourhoods(self.tokens, self.windows, self.precision)
+
+    @functools.cached_property
+    def maps_out(self) -> torch.Tensor:
+        return torch.empty(len(self.tokens), self.size, self.size)
 
     def evaluate(self, p: ProfileContext, scores: torch.Tensor, grid: tuple[int, int]) -> dict[str, float]:
         m = p.method

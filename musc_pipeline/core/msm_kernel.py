@@ -1,5 +1,5 @@
 """The box-filter kernel of MSM (:mod:`msm`, ``strategy="box_filter"``): a small C function
-(:mod:`native`: compiled on first use in a process, about a second).
+(:mod:`native`: compiled on first use in a process, 1.5–3 s here).
 
 Why C: per image pair the r×r box filter over both patch grids, the scaling by the inverse
 window norms and the row and column maxima are a few operations per element of the P×P
@@ -194,7 +194,7 @@ void msm_box_pairs(const float *g, long ldg, int h, int w, int nk, const int *ks
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The kernel, compiled once per process (about a second) for this CPU; None without cc."""
+    """The kernel, compiled once per process (1.5–3 s here) for this CPU; None without cc."""
     return native.compile_library("MSM box_filter kernel", _SOURCE, "using per_degree", {"msm_box_pairs": (None, [
         ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,

@@ -3,7 +3,7 @@ through ctypes (ctypes releases the GIL, so worker threads run them in parallel)
 
 Why C at all, and not torch's C++-extension builder: the kernels are one loop each over data
 that torch or NumPy would walk several times (:mod:`msm_kernel`, :mod:`auroc`,
-:mod:`reaggregate_kernel`); a plain C compiler builds them in about a second, torch's builder
+:mod:`reaggregate_kernel`); a plain C compiler builds them in 0.1–3 s each (measured here), torch's builder
 needs a C++ toolchain and its headers and takes much longer. Every kernel has a pure
 torch/NumPy path with the same results, taken where no compiler works.
 """
