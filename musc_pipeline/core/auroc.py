@@ -46,6 +46,18 @@ int64_t rank_sums(const float *a, long n, const float *p, long m)
     }
     return acc;
 }
+/* the same counts against positives of many images: out[owner[k]] += (#a < p[k]) + (#a <= p[k]) */
+void owner_rank_sums(const float *a, long n, const float *p, const int32_t *owner, long m, int64_t *out)
+{
+    long lt = 0, le = 0;
+    for (long k = 0; k < m; k++) {
+        const float v = p[k];
+        while (lt < n && a[lt] < v) lt++;
+        if (le < lt) le = lt;
+        while (le < n && a[le] <= v) le++;
+        out[owner[k]] += lt + le;
+    }
+}
 """
 
 
@@ -53,7 +65,9 @@ int64_t rank_sums(const float *a, long n, const float *p, long m)
 def load() -> ctypes.CDLL | None:
     """The merge kernel, compiled once per process; None without cc."""
     return native.compile_library("AUROC merge kernel", _SOURCE, "using NumPy searches", {
-        "rank_sums": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long])})
+        "rank_sums": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]),
+        "owner_rank_sums": (None, [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                   ctypes.c_void_p])})
 
 
 def pixel_auroc(masks: np.ndarray, amaps: np.ndarray) -> float:

@@ -72,7 +72,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> MetricResult:
     return _binary_metrics(labels, scores, "image")
 
 
-def _regions(masks: np.ndarray, maps: np.ndarray) -> list[np.ndarray]:
+def region_values(masks: np.ndarray, maps: np.ndarray) -> list[np.ndarray]:
     """Sorted map values of every 8-connected ground-truth region."""
     out = []
     for mask, amap in zip(masks, maps):
@@ -93,7 +93,7 @@ def _pro_fpr(
 ) -> tuple[np.ndarray, np.ndarray]:
     """PRO(t) and FPR(t) with 'anomalous' meaning value > t (value >= t if inclusive)."""
     side = "left" if inclusive else "right"
-    regions = _regions(masks, maps)
+    regions = region_values(masks, maps)
     if not regions:
         raise ValueError("PRO needs at least one anomalous ground-truth region")
     pro = np.zeros(thresholds.size)
