@@ -6,7 +6,8 @@ import math
 
 from dagster import AssetCheckResult
 
-from musc_pipeline.assets.metrics import METRIC_NAMES, SkippedCheck, metric_checks
+from musc_pipeline.assets.metric_checks import SkippedCheck, metric_checks
+from musc_pipeline.core.metrics import METRIC_NAMES
 
 
 def _row(dataset: str = "demo", category: str = "PA_BDP01_TL", **values: float) -> dict:

@@ -157,7 +157,7 @@ def _stored(settings: Settings, asset: str) -> dict:
 
 def _fresh(settings, degrees, interval, s=1, windows=(1, 2, 3)) -> dict[str, float]:
     """A direct recomputation: MSM from the LNAMD maps, maps, RsCIN, metrics."""
-    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.ground_truth import ground_truth
 
     ys = [torch.from_numpy(a).float() for _, a in sorted(_stored(settings, "lnamd_features").items())]
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
@@ -281,7 +281,7 @@ def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):
 
 def test_fewshot_equals_a_direct_run_with_the_same_references(studied):
     """MuSc k = 2 and MuSc+ k = 4 (one embedding of the references serves both)."""
-    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.ground_truth import ground_truth
     from musc_pipeline.assets.study_runs import reference_images
     from musc_pipeline.resources.backbone import ModelResource
     from musc_pipeline.resources.datasets import read_image

@@ -11,7 +11,7 @@ from dagster import AssetExecutionContext, Failure, MetadataValue, Output
 
 from musc_pipeline.assets.context import ProfileContext
 from musc_pipeline.assets.metadata import md_table, table_metadata
-from musc_pipeline.assets.metrics import ground_truth
+from musc_pipeline.assets.ground_truth import ground_truth
 from musc_pipeline.core import ablation, rscin, subsets
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.resources.storage import ArrayBundle

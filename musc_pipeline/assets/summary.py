@@ -23,7 +23,8 @@ from dagster import (
 
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
-from musc_pipeline.assets.metrics import REFERENCE_CSV, ground_truth
+from musc_pipeline.assets.ground_truth import ground_truth
+from musc_pipeline.assets.paper_reference import REFERENCE_CSV
 from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core.preprocess import resolve_mask_rule
 from musc_pipeline.core import metrics
