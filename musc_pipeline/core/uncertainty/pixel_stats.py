@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import auc
+from threadpoolctl import threadpool_limits
 
 from musc_pipeline.core import auroc, metrics
 from musc_pipeline.core.uncertainty.resample import curve_metrics
@@ -48,25 +48,28 @@ class PixelStats:
     normal_above: np.ndarray  # N×T
 
     def replicates(self, w: np.ndarray, fpr_limit: float = 0.3) -> dict[str, np.ndarray]:
-        """Each pixel metric of the B resamples with multiplicities w (B×N)."""
+        """Each pixel metric of the B resamples with multiplicities w (B×N). The products are
+        small (≤ B×N×K): on one BLAS thread, 5× faster than OpenBLAS's threads on 2 busy cores."""
         w = np.asarray(w, dtype=np.float64)
         pos, neg = w @ self.defect_pixels, w @ self.normal_pixels
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with threadpool_limits(1, user_api="blas"), np.errstate(invalid="ignore", divide="ignore"):
             area = np.einsum("bi,ij,bj->b", w, self.pair_counts, w) / (2 * pos * neg)
             ap, f1 = curve_metrics(w @ self.bin_defect, w @ self.bin_normal)
             pro = (w @ self.region_fractions) / (w @ self.region_counts)[:, None]
-        fpr = (w @ self.normal_above) / np.maximum(neg, 1)[:, None]
+            fpr = (w @ self.normal_above) / np.maximum(neg, 1)[:, None]
         aupro = np.array([_aupro(f, p, fpr_limit) for f, p in zip(fpr, pro)])
         return {"pixel_auroc": area, "pixel_f1_max": f1, "pixel_ap": ap, "pixel_pro": aupro}
 
 
 def _aupro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """:func:`metrics.aupro` from its curve (the same clip, rescaling and integration)."""
+    """:func:`metrics.aupro` from its curve (the same clip, rescaling and integration). FPR falls
+    as the thresholds rise, so scikit-learn's ``auc`` is −trapezoid: called directly, without
+    its input checks (1 ms a call, most of the replicates' time)."""
     keep = fpr < fpr_limit
     fpr, pro = fpr[keep], pro[keep]
     if fpr.size < 2 or fpr.max() == fpr.min() or np.isnan(pro).any():
         return math.nan
-    return float(auc((fpr - fpr.min()) / (fpr.max() - fpr.min()), pro))
+    return float(-np.trapezoid(pro, (fpr - fpr.min()) / (fpr.max() - fpr.min())))
 
 
 def pixel_stats(masks: np.ndarray, maps: np.ndarray, bins: int = 2048, steps: int = 200) -> PixelStats:
