@@ -116,6 +116,19 @@ class StudySettings(_Strict):
         return value
 
 
+class IntervalSettings(_Strict):
+    """Uncertainty of the metrics (``docs/intervals.md``): DeLong for image AUROC, the
+    stratified bootstrap over images for the other six; paired tests for comparisons."""
+
+    resamples: int = Field(200, ge=20)  # B: bootstrap resamples of the images
+    seed: int = 0  # of the resamples (the same seed, the same intervals)
+    level: float = Field(0.95, gt=0.5, lt=1.0)  # coverage of every interval
+    bins: int = Field(2048, ge=16)  # pixel AP / F1-max replicates: bins of the defect pixels' values
+    # regression_vs_previous warns when Δ's interval excludes 0 and |Δ| is at least this
+    min_effect: float = Field(0.01, ge=0.0)
+    history_runs: int = Field(3, ge=1)  # per-image scores and grid maps kept per category (newest runs)
+
+
 class Settings(_Strict):
     storage: str = ".musc"  # base location: a path or an fsspec URL (s3://…)
     reports_dir: str = "reports"
@@ -124,6 +137,7 @@ class Settings(_Strict):
     )
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"musc": ProfileSettings()})
     studies: StudySettings = StudySettings()
+    intervals: IntervalSettings = IntervalSettings()
 
     @field_validator("datasets", "profiles")
     @classmethod

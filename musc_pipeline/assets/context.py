@@ -19,7 +19,7 @@ from musc_pipeline.resources.weights import resolve_name
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
-CODE_REVISION = {"manifest": 1, "features": 4, "lnamd": 3, "msm": 2, "maps": 3, "salient": 1, "rscin": 2, "metrics": 4}
+CODE_REVISION = {"manifest": 1, "features": 4, "lnamd": 3, "msm": 2, "maps": 3, "salient": 1, "rscin": 2, "metrics": 5}
 #: Concurrency pool of the steps that use the model device (limit it in dagster.yaml).
 MODEL_POOL = "musc_model"
 

@@ -1,5 +1,5 @@
 """The checks of a category's metrics row: unit interval, regression against the partition's
-previous materialization, and distance from the paper's numbers."""
+previous run (a paired test, :mod:`.metric_intervals`), and distance from the paper's numbers."""
 
 import math
 from collections.abc import Iterator
@@ -19,7 +19,6 @@ from musc_pipeline.core.metrics import METRIC_NAMES
 
 #: Metrics are sums of float64 terms: a perfect average precision can come out as 1.0000000000000002.
 UNIT_TOLERANCE = 1e-9
-REGRESSION_TOLERANCE = 0.02
 PAPER_TOLERANCE = 0.05
 
 
@@ -31,15 +30,15 @@ class SkippedCheck:
     reason: str
 
 
-def metric_checks(row: dict, previous: dict) -> Iterator[AssetCheckResult | SkippedCheck]:
-    """Check results of one category's metrics row (a skip where there is nothing to compare)."""
+def metric_checks(row: dict, regression: AssetCheckResult | SkippedCheck) -> Iterator[AssetCheckResult | SkippedCheck]:
+    """Check results of one category's metrics row (a skip where there is nothing to compare);
+    ``regression`` is the paired comparison with the previous run, made by the caller."""
     values = {k: row[k] for k in METRIC_NAMES}
     out_of_range = [k for k, v in values.items()
                     if not (math.isnan(v) or -UNIT_TOLERANCE <= v <= 1.0 + UNIT_TOLERANCE)]
     yield AssetCheckResult(check_name="metrics_in_unit_interval", passed=not out_of_range,
                            metadata={"out_of_range": ", ".join(out_of_range) or "none"})
-    yield _deviation_check("regression_vs_previous", values, previous, REGRESSION_TOLERANCE, "moved",
-                           "no previous materialization of this partition with metrics to compare")
+    yield regression
     ref = reference_row(row["dataset"], row["category"])
     yield _deviation_check("paper_reference", values, ref, PAPER_TOLERANCE, "beyond_tolerance",
                            f"the paper has no numbers for {row['dataset']}/{row['category']}" if not ref

@@ -4,6 +4,7 @@ import json
 import math
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, AssetIn, AssetOut, AssetsDefinition, MetadataValue, Output, multi_asset
 
@@ -12,17 +13,18 @@ from musc_pipeline.assets.ground_truth import ground_truth
 from musc_pipeline.assets.metadata import md_table, table_metadata
 from musc_pipeline.assets.metric_checks import (
     PAPER_TOLERANCE,
-    REGRESSION_TOLERANCE,
     UNIT_TOLERANCE,
     SkippedCheck,
     metric_checks,
     previous_metrics,
 )
+from musc_pipeline.assets.metric_intervals import category_uncertainty, interval_columns
 from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.assets.storage_policy import drop_intermediates, stored_bytes_per_image
 from musc_pipeline.core import metrics
 from musc_pipeline.core.metrics import METRIC_NAMES
 from musc_pipeline.core.preprocess import resolve_mask_rule
+from musc_pipeline.resources.score_history import ScoredRun
 from musc_pipeline.resources.storage import ArrayBundle
 from musc_pipeline.settings import fingerprint
 
@@ -49,7 +51,9 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                      p.check_spec("category_metrics", "metrics_in_unit_interval",
                                   f"every metric in [0, 1] (± {UNIT_TOLERANCE:g} of floating-point rounding) or n/a"),
                      p.check_spec("category_metrics", "regression_vs_previous",
-                                  f"warn when a metric moved by more than {REGRESSION_TOLERANCE} since the last run "
+                                  "warn when a metric moved significantly since the last run: Δ's "
+                                  f"{p.settings.intervals.level:.0%} interval (paired test on the same images) "
+                                  f"excludes 0 and |Δ| ≥ {p.settings.intervals.min_effect} "
                                   "(skipped on a partition's first run)"),
                      p.check_spec("category_metrics", "paper_reference",
                                   f"MVTec AD / VisA: warn when more than {PAPER_TOLERANCE} from the paper "
@@ -64,6 +68,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         mask_rule = resolve_mask_rule(p.method.mask_rule, cfg.layout)
         labels = scores["label"]
         notes: list[str] = []
+        gt = full = None
         if labels.isna().any():
             values = {k: math.nan for k in METRIC_NAMES}
             notes.append("unlabeled images: metrics n/a")
@@ -75,7 +80,8 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                 values |= {k: math.nan for k in metrics.PIXEL_METRICS}
                 notes.append("no ground-truth masks: pixel metrics n/a")
             else:
-                px = metrics.pixel_metrics(gt, full_maps(amaps))
+                full = full_maps(amaps)
+                px = metrics.pixel_metrics(gt, full)
                 values |= px.values
                 notes += px.notes
         ident = json.loads(features.meta["identity"])
@@ -99,6 +105,17 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         drop_intermediates(p, context, context.resources.arrays)
         row |= stored_bytes_per_image(context, p, n)
         row["intermediates"] = p.profile.intermediates
+        if labels.isna().any():
+            row |= interval_columns({})
+            regression = SkippedCheck("regression_vs_previous", "unlabeled images: no metrics to compare")
+        else:
+            current = ScoredRun(run_id=context.run_id, materialized_at=row["materialized_at"], config=row["config"],
+                                backbone=ident["backbone"], image_ids=[str(i) for i in scores["image_id"]],
+                                labels=labels.to_numpy(int), scores=scores["score_rscin"].to_numpy(np.float64),
+                                patch_maps=amaps.arrays["patch_maps"], image_size=size,
+                                smoothing_sigma=float(amaps.meta["smoothing_sigma"]), metrics=values)
+            uncertainty, regression = category_uncertainty(p.settings, p.name, context.partition_key, current, gt, full)
+            row |= uncertainty
         previous = previous_metrics(context, key)
         for k in METRIC_NAMES:
             row[f"previous_{k}"] = previous.get(k, math.nan)
@@ -107,10 +124,14 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
         table = df[["dataset", "category", *METRIC_NAMES]]
         meta = {"metrics": MetadataValue.md(md_table(table)), "notes": "; ".join(notes) or "none"}
         meta |= {k: MetadataValue.float(float(v)) for k, v in values.items()}
+        level = f"{p.settings.intervals.level:.0%}"
+        meta["intervals"] = MetadataValue.md(md_table(pd.DataFrame(
+            [{"metric": k, "value": row[k], f"{level} lo": row[f"{k}_lo"], f"{level} hi": row[f"{k}_hi"]}
+             for k in METRIC_NAMES])))
         meta["backbone"] = ident["backbone"]
         meta |= table_metadata(df)
         yield Output(df, output_name="category_metrics", metadata=meta)
-        for result in metric_checks(row, previous):
+        for result in metric_checks(row, regression):
             if isinstance(result, SkippedCheck):  # no result: the UI shows the check as skipped
                 context.log.info(f"check {result.check_name} skipped: {result.reason}")
             else:

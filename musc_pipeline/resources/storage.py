@@ -44,6 +44,8 @@ CATALOG_VIEWS = ".catalog_views.json"  # the views the catalog has, read without
 #: Views of the catalog -> the tables (asset names, globs allowed) each one unites.
 CATALOG_TABLES = {"image_manifest": "image_manifest", "rscin_scores": "rscin_scores",
                   "category_metrics": "category_metrics",
+                  # per-image scores and grid maps of each category's last runs (resources/score_history.py)
+                  "score_history": "score_history",
                   # every study's long table (study, setting, dataset, category, metric, value)
                   "ablation_results": "study_*"}
 

@@ -88,9 +88,17 @@ def intervals(labels: np.ndarray, scores: ScoreSet, point: dict[str, float], how
     return out
 
 
-def paired(labels: np.ndarray, a: ScoreSet, b: ScoreSet, point_a: dict[str, float], point_b: dict[str, float],
+def paired(labels: np.ndarray, a: ScoreSet, b: ScoreSet, point_a: dict[str, float], point_b: dict[str, float] | None,
            how: Resampling) -> dict[str, Estimate]:
-    """Δ = a − b of each metric valued on both sides: estimate, interval and p-value."""
+    """Δ = a − b of each metric valued on both sides: estimate, interval and p-value.
+    ``point_b`` None: b's values are the resample formulas at w = 1 (exact but for the binned
+    pixel AP and F1-max), for a score set whose exact metrics were never computed."""
+    ones = np.ones((1, len(labels)))
+    one_a, one_b = a.replicates(labels, ones), b.replicates(labels, ones)
+    if point_b is None:
+        point_b = {k: float(v[0]) for k, v in one_b.items()}
+        if _two_classes(labels) and "image_auroc" in point_a:
+            point_b["image_auroc"] = float(delong.delong(labels, b.scores).auroc[0])
     deltas = {k: point_a[k] - point_b[k] for k in point_a if k in point_b}
     out = {k: Estimate(d, math.nan, math.nan, math.nan) for k, d in deltas.items()}
     if not _two_classes(labels):
@@ -98,9 +106,7 @@ def paired(labels: np.ndarray, a: ScoreSet, b: ScoreSet, point_a: dict[str, floa
     if "image_auroc" in deltas and not math.isnan(deltas["image_auroc"]):
         out["image_auroc"] = delong.paired_auroc(labels, a.scores, b.scores, how.level)
     w = resample.stratified_weights(labels, how.resamples, how.seed)
-    ones = np.ones((1, len(labels)))
     reps_a, reps_b = a.replicates(labels, w), b.replicates(labels, w)
-    one_a, one_b = a.replicates(labels, ones), b.replicates(labels, ones)
     for k in reps_a.keys() & reps_b.keys() & deltas.keys():
         if not math.isnan(deltas[k]):
             shift = deltas[k] - float(one_a[k][0] - one_b[k][0])
