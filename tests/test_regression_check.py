@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from dagster import AssetKey, DagsterInstance
+
+from conftest import small_settings
+from musc_pipeline.assets.ground_truth import ground_truth
 
 from musc_pipeline.assets.metric_checks import SkippedCheck
 from musc_pipeline.assets.metric_intervals import category_uncertainty
 from musc_pipeline.core import maps, metrics
+from musc_pipeline.core.preprocess import resolve_mask_rule
+from musc_pipeline.definitions import build_definitions
 from musc_pipeline.resources.score_history import ScoredRun, ScoreHistory
 from musc_pipeline.resources.storage import rebuild_catalog
 from musc_pipeline.settings import Settings
@@ -118,3 +125,31 @@ def test_other_images_are_not_paired(settings):
     second = ScoredRun(**{**second.__dict__, "image_ids": [f"x{i}" for i in range(N)]})
     _, regression = _check(settings, first, second, masks)
     assert isinstance(regression, SkippedCheck) and "scored other images" in regression.reason
+
+
+def test_materialized_rerun_against_an_injected_better_run_warns(tmp_path, mini_root):
+    """A real materialization: intervals in the row; then the history's last run is replaced
+    by a perfect one (maps = the masks), and re-materializing category_metrics warns."""
+    settings = small_settings(tmp_path, mini_root)
+    defs, instance = build_definitions(settings), DagsterInstance.ephemeral()
+    job = defs.resolve_job_def("musc_categories")
+
+    def materialize(names):
+        return job.execute_in_process(partition_key="mini/cat1", instance=instance,
+                                      asset_selection=[AssetKey(["musc", n]) for n in names])
+
+    assert materialize(["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
+                        "rscin_scores", "category_metrics"]).success
+    row = pd.read_parquet(tmp_path / "store" / "musc" / "category_metrics" / "mini" / "cat1.parquet").iloc[0]
+    assert row["pixel_auroc_lo"] < row["pixel_auroc"] < row["pixel_auroc_hi"] and row["intervals_s"] > 0
+    history = ScoreHistory(settings.storage)
+    run = history.latest("musc", "mini/cat1")
+    manifest = pd.read_parquet(tmp_path / "store" / "musc" / "image_manifest" / "mini" / "cat1.parquet")
+    masks = ground_truth(manifest, run.image_size, resolve_mask_rule("auto", "mvtec"))
+    share = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], run.patch_maps.shape[1:])
+    perfect = ScoredRun(**{**run.__dict__, "run_id": "injected", "materialized_at": "9999", "scores": run.labels * 10.0,
+                           "patch_maps": share[:, 0].numpy(), "metrics": {}})
+    history.append("musc", "mini/cat1", perfect, keep=3)
+    second = materialize(["category_metrics"])
+    regression = {ev.check_name: ev for ev in second.get_asset_check_evaluations()}["regression_vs_previous"]
+    assert not regression.passed and "injected" in regression.metadata["compared_with"].value

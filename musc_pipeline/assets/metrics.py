@@ -109,7 +109,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
             row |= interval_columns({})
             regression = SkippedCheck("regression_vs_previous", "unlabeled images: no metrics to compare")
         else:
-            current = ScoredRun(run_id=context.run_id, materialized_at=row["materialized_at"], config=row["config"],
+            current = ScoredRun(run_id=context.run.run_id, materialized_at=row["materialized_at"], config=row["config"],
                                 backbone=ident["backbone"], image_ids=[str(i) for i in scores["image_id"]],
                                 labels=labels.to_numpy(int), scores=scores["score_rscin"].to_numpy(np.float64),
                                 patch_maps=amaps.arrays["patch_maps"], image_size=size,

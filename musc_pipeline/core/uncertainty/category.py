@@ -91,14 +91,14 @@ def intervals(labels: np.ndarray, scores: ScoreSet, point: dict[str, float], how
 def paired(labels: np.ndarray, a: ScoreSet, b: ScoreSet, point_a: dict[str, float], point_b: dict[str, float] | None,
            how: Resampling) -> dict[str, Estimate]:
     """Δ = a − b of each metric valued on both sides: estimate, interval and p-value.
-    ``point_b`` None: b's values are the resample formulas at w = 1 (exact but for the binned
-    pixel AP and F1-max), for a score set whose exact metrics were never computed."""
+    b's values missing from ``point_b`` (or NaN there) are the resample formulas at w = 1 (exact
+    but for the binned pixel AP and F1-max): for a score set whose exact metrics are unknown."""
     ones = np.ones((1, len(labels)))
     one_a, one_b = a.replicates(labels, ones), b.replicates(labels, ones)
-    if point_b is None:
-        point_b = {k: float(v[0]) for k, v in one_b.items()}
-        if _two_classes(labels) and "image_auroc" in point_a:
-            point_b["image_auroc"] = float(delong.delong(labels, b.scores).auroc[0])
+    formula_b = {k: float(v[0]) for k, v in one_b.items()}
+    if _two_classes(labels):
+        formula_b["image_auroc"] = float(delong.delong(labels, b.scores).auroc[0])
+    point_b = formula_b | {k: v for k, v in (point_b or {}).items() if not math.isnan(v)}
     deltas = {k: point_a[k] - point_b[k] for k in point_a if k in point_b}
     out = {k: Estimate(d, math.nan, math.nan, math.nan) for k, d in deltas.items()}
     if not _two_classes(labels):
