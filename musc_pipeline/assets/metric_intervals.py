@@ -96,7 +96,7 @@ def category_uncertainty(settings: Settings, profile: str, partition: str, curre
     start = time.perf_counter()
     current_set = category.score_set(current.scores, masks, full, how)
     columns = interval_columns(category.intervals(current.labels, current_set, current.metrics, how))
-    columns["intervals_s"] = time.perf_counter() - start
+    columns["intervals_s"], columns["interval_level"] = time.perf_counter() - start, how.level
     history = ScoreHistory(settings.storage)
     start = time.perf_counter()
     regression = compare_with_previous(history.latest(profile, partition), current, current_set, masks, how,

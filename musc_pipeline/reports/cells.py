@@ -1,5 +1,6 @@
 """Table cells of the report in the paper's format: values ×100 with one decimal, the paper's
-value and the signed difference beside ours, run-versus-run deltas, means over categories.
+value and the signed difference beside ours, run-versus-run deltas, means over categories;
+each value's interval under it (``[lo, hi]`` ×100) where the metrics table has one.
 
 :class:`Reference` holds the paper's per-category numbers (``reference_results.csv``).
 """
@@ -10,6 +11,9 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from musc_pipeline.core.uncertainty.category import mean_over_categories as combine
+from musc_pipeline.core.uncertainty.delong import Estimate
 
 
 def is_nan(v: object) -> bool:
@@ -36,12 +40,20 @@ def count(v: object) -> str:
     return "" if is_nan(v) else str(int(float(v)))  # type: ignore[arg-type]
 
 
-def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = "") -> dict:
-    """One table cell: our value (×100), and — when the paper has it — the paper's value and
-    the signed difference ours − paper, computed from the numbers as shown."""
+def interval_text(lo: object, hi: object) -> str | None:
+    """``[lo, hi]`` ×100 with one decimal, or None when either end is missing."""
+    return None if is_nan(lo) or is_nan(hi) else f"[{pct(lo)}, {pct(hi)}]"
+
+
+def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = "", lo: object = None,
+               hi: object = None) -> dict:
+    """One table cell: our value (×100) with its interval [lo, hi] when given, and — when the
+    paper has it — the paper's value and the signed difference ours − paper, computed from the
+    numbers as shown."""
     text = pct(v)
     cell = {
         "text": text if text is not None else "n/a",
+        "ci": interval_text(lo, hi) if text is not None else None,
         "na": text is None,
         "title": (note or "not available") if text is None else "",
         "ref": None,
@@ -68,6 +80,25 @@ def delta_cell(a: object, b: object, note: str = "") -> dict:
             name for name, t in (("run a", ta), ("run b", tb)) if t is None
         )
     return cell
+
+
+def interval_of(rec: dict, key: str) -> dict:
+    """The ``lo``/``hi`` keyword arguments of :func:`value_cell` from a metrics row."""
+    return {"lo": rec.get(f"{key}_lo"), "hi": rec.get(f"{key}_hi")}
+
+
+def mean_interval(part: pd.DataFrame, key: str) -> dict:
+    """``lo``/``hi`` of the mean over categories: independent categories, Var(mean) = Σ se² / C²
+    (:func:`musc_pipeline.core.uncertainty.category.mean_over_categories`); none when a
+    category with a value has no standard error (rows from before intervals existed)."""
+    if f"{key}_se" not in part.columns or part.empty:
+        return {}
+    rows = [r for r in part.to_dict("records") if not is_nan(r.get(key))]
+    if not rows or any(is_nan(r.get(f"{key}_se")) for r in rows):
+        return {}
+    level = float(rows[0].get("interval_level", 0.95))
+    est = combine([Estimate(float(r[key]), float(r[f"{key}_se"]), math.nan, math.nan) for r in rows], level)
+    return {"lo": est.lo, "hi": est.hi}
 
 
 def mean_over_categories(values: pd.Series) -> tuple[float, str]:

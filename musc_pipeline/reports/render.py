@@ -22,7 +22,7 @@ from urllib.parse import quote
 import jinja2
 import pandas as pd
 
-from .cells import Reference, count, delta_cell, is_nan, mean_over_categories, value_cell
+from .cells import Reference, count, delta_cell, interval_of, is_nan, mean_interval, mean_over_categories, value_cell
 from .conventions import conventions
 from .inputs import GROUPS, HEADLINE, METRIC_LABELS, METRICS, RunData, datasets, metrics_frame
 from .paths import escapes, inside, safe_relpath, slug
@@ -131,7 +131,8 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
             "n_images": count(rec["n_images"]),
             "n_anomalous": count(rec["n_anomalous"]),
             "notes": note,
-            "cells": [dict(value_cell(rec[k], note, ref.value(dataset, cat, k)), metric=k) for k in METRICS],
+            "cells": [dict(value_cell(rec[k], note, ref.value(dataset, cat, k), **interval_of(rec, k)), metric=k)
+                      for k in METRICS],
             "figures": _figures(out_dir, run, rec),
             "anchor": "cat-" + slug(cat),
         })
@@ -139,7 +140,7 @@ def _run_page(out_dir: Path, run: RunData, df: pd.DataFrame, dataset: str, ref: 
     for k in METRICS:
         m, note = mean_over_categories(part[k])
         rv, rnote = ref.mean(dataset, list(part["category"]), k)
-        mean_cells.append(dict(value_cell(m, note, rv, rnote), metric=k, title=note or ""))
+        mean_cells.append(dict(value_cell(m, note, rv, rnote, **mean_interval(part, k)), metric=k, title=note or ""))
     return {
         "dataset": dataset,
         "rows": rows,
@@ -165,7 +166,8 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: Ref
                                       metric=k, profile=run.profile))
                 else:
                     rec = hit.iloc[0]
-                    cells.append(dict(value_cell(rec[k], rec["notes"]), metric=k, profile=run.profile))
+                    cells.append(dict(value_cell(rec[k], rec["notes"], **interval_of(rec.to_dict(), k)), metric=k,
+                                      profile=run.profile))
         paper = [value_cell(ref.value(dataset, cat, k) / 100 if ref.value(dataset, cat, k) is not None else math.nan,
                             "not in the paper's table") for k in HEADLINE]
         rows.append({"category": cat, "cells": cells, "paper": paper})
@@ -174,7 +176,8 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: Ref
         part = df[df["dataset"] == dataset]
         for k in HEADLINE:
             m, note = mean_over_categories(part[k]) if not part.empty else (math.nan, f"{NOT_MATERIALIZED} in run {run.profile}")
-            mean_cells.append(dict(value_cell(m, note), metric=k, profile=run.profile, title=note))
+            mean_cells.append(dict(value_cell(m, note, **mean_interval(part, k)), metric=k, profile=run.profile,
+                                   title=note))
     paper_mean = []
     for k in HEADLINE:
         v, note = ref.mean(dataset, done, k)
