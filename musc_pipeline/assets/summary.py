@@ -24,6 +24,7 @@ from dagster import (
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
 from musc_pipeline.assets.ground_truth import ground_truth
+from musc_pipeline.assets.paired_runs import paired_profiles
 from musc_pipeline.assets.paper_reference import REFERENCE_CSV
 from musc_pipeline.assets.scoring import full_maps
 from musc_pipeline.core.preprocess import resolve_mask_rule
@@ -168,10 +169,16 @@ def build_global_assets(settings: Settings) -> list:
         configured = [tuple(key.split("/", 1)) for key in partition_keys(settings)]
         if not (out_dir / "studies.html").is_file():  # the index links it: until study_pages runs, "not yet"
             render_study_pages(out_dir, pd.DataFrame(columns=["study"]))
+        paired = paired_profiles(settings, profiles[0], profiles[1]) if len(profiles) >= 2 else None
         index = render.render_reports(out_dir, runs, reference, categories=configured,
-                                      variants=variant_groups(settings), studies="studies.html")
+                                      variants=variant_groups(settings), studies="studies.html", paired=paired)
         context.log.info(f"report written to {index}")
-        return MaterializeResult(metadata={"index": MetadataValue.path(str(index))})
+        meta = {"index": MetadataValue.path(str(index))}
+        if paired is not None and len(paired):
+            sig = paired[(paired["lo"] > 0) | (paired["hi"] < 0)]
+            meta[f"paired: {profiles[1]} − {profiles[0]}"] = MetadataValue.md(md_table(paired))
+            meta["paired: significant deltas"] = MetadataValue.int(len(sig))
+        return MaterializeResult(metadata=meta)
 
     return [results_catalog, html_report]
 

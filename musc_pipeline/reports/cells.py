@@ -68,18 +68,36 @@ def value_cell(v: object, note: str = "", ref: object = None, ref_note: str = ""
     return cell
 
 
-def delta_cell(a: object, b: object, note: str = "") -> dict:
-    """b − a in points (×100, one decimal), from the values as shown; with a → b beside it."""
+def delta_cell(a: object, b: object, note: str = "", paired: dict | None = None) -> dict:
+    """b − a in points (×100, one decimal), from the values as shown; with a → b beside it.
+    ``paired`` (``lo``, ``hi``, ``p_value`` of the paired test of b − a): the interval under
+    it and ``sig`` True when the interval excludes 0."""
     ta, tb = pct(a), pct(b)
-    cell = {"a": ta or "n/a", "b": tb or "n/a", "text": "n/a", "na": True, "cls": "", "title": note}
+    cell = {"a": ta or "n/a", "b": tb or "n/a", "text": "n/a", "na": True, "cls": "", "title": note,
+            "ci": None, "sig": None, "p": ""}
     if ta is not None and tb is not None:
         cell["text"], cell["cls"] = signed(float(tb) - float(ta))
         cell["na"] = False
+        if paired and not is_nan(paired.get("lo")) and not is_nan(paired.get("hi")):
+            lo, hi = float(paired["lo"]), float(paired["hi"])
+            cell["ci"] = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            cell["sig"] = lo > 0 or hi < 0
+            cell["p"] = "" if is_nan(paired.get("p_value")) else f"p = {float(paired['p_value']):.3g}"
     elif not note:
         cell["title"] = "not available in " + " and ".join(
             name for name, t in (("run a", ta), ("run b", tb)) if t is None
         )
     return cell
+
+
+def mean_delta(paired: pd.DataFrame, key: str, categories: list[str], level: float = 0.95) -> dict | None:
+    """The paired interval of the mean Δ over ``categories`` (Var = Σ se² / C²), or None when
+    a category lacks its paired standard error."""
+    part = paired[(paired["metric"] == key) & paired["category"].isin(categories)]
+    if len(part) != len(categories) or not len(part) or part["se"].isna().any():
+        return None
+    est = combine([Estimate(float(r.delta), float(r.se), math.nan, math.nan) for r in part.itertuples()], level, clip=False)
+    return {"lo": est.lo, "hi": est.hi, "p_value": math.nan}
 
 
 def interval_of(rec: dict, key: str) -> dict:

@@ -22,7 +22,8 @@ from urllib.parse import quote
 import jinja2
 import pandas as pd
 
-from .cells import Reference, count, delta_cell, interval_of, is_nan, mean_interval, mean_over_categories, value_cell
+from .cells import (Reference, count, delta_cell, interval_of, is_nan, mean_delta, mean_interval, mean_over_categories,
+                    value_cell)
 from .conventions import conventions
 from .inputs import GROUPS, HEADLINE, METRIC_LABELS, METRICS, RunData, datasets, metrics_frame
 from .paths import escapes, inside, safe_relpath, slug
@@ -192,8 +193,12 @@ def _headline(dataset: str, frames: list[tuple[RunData, pd.DataFrame]], ref: Ref
     }
 
 
-def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -> list[dict]:
+def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame],
+             paired: pd.DataFrame | None = None) -> list[dict]:
+    """Sections of b − a per dataset; ``paired`` (dataset, category, metric, lo, hi, se,
+    p_value of b − a) adds each Δ's interval and significance."""
     (_, da), (_, db) = a, b
+    tests = {} if paired is None else {(r["dataset"], r["category"], r["metric"]): r for r in paired.to_dict("records")}
     sections = []
     for dataset in dict.fromkeys(datasets(da) + datasets(db)):
         pa, pb = da[da["dataset"] == dataset], db[db["dataset"] == dataset]
@@ -203,13 +208,16 @@ def _compare(a: tuple[RunData, pd.DataFrame], b: tuple[RunData, pd.DataFrame]) -
             note = " / ".join(n for n in (rec["notes_a"], rec["notes_b"]) if n)
             rows.append({
                 "category": rec["category"],
-                "cells": [dict(delta_cell(rec[f"{k}_a"], rec[f"{k}_b"], note), metric=k) for k in METRICS],
+                "cells": [dict(delta_cell(rec[f"{k}_a"], rec[f"{k}_b"], note, tests.get((dataset, rec["category"], k))),
+                               metric=k) for k in METRICS],
             })
         mean_cells = []
         for k in METRICS:
             ma, na = mean_over_categories(merged[f"{k}_a"]) if len(merged) else (math.nan, "")
             mb, nb = mean_over_categories(merged[f"{k}_b"]) if len(merged) else (math.nan, "")
-            mean_cells.append(dict(delta_cell(ma, mb, " / ".join(n for n in (na, nb) if n)), metric=k))
+            shared_paired = None if paired is None else mean_delta(paired[paired["dataset"] == dataset], k,
+                                                                    list(merged["category"]))
+            mean_cells.append(dict(delta_cell(ma, mb, " / ".join(n for n in (na, nb) if n), shared_paired), metric=k))
         shared = set(merged["category"])
         sections.append({
             "dataset": dataset,
@@ -248,6 +256,7 @@ def render_reports(
     categories: list[tuple[str, str]] | None = None,
     variants: dict[str, list[str]] | None = None,
     studies: str | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> Path:
     """Write the report folder; returns ``out_dir / "index.html"``.
 
@@ -258,6 +267,8 @@ def render_reports(
     ``variants`` maps a paper profile to its method-variant profiles (same backbone): one page
     per paper profile shows every variant's deltas against it, category by category.
     ``studies``: the ablation studies' listing page (``reports.studies``) the index links to.
+    ``paired``: the paired tests of the compared runs' b − a (:func:`_compare`), for their
+    intervals and significance marks.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +336,7 @@ def render_reports(
 
     if compare_info is not None:
         a, b = (dict(zip(profiles, frames))[p] for p in compare)
-        write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b), groups=GROUPS)
+        write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b, paired), groups=GROUPS)
 
     for page in variant_pages:
         involved = [by_name[p] for p in (page["paper"], *page["variants"])]

@@ -114,14 +114,16 @@ def paired(labels: np.ndarray, a: ScoreSet, b: ScoreSet, point_a: dict[str, floa
     return out
 
 
-def mean_over_categories(estimates: list[Estimate], level: float = 0.95) -> Estimate:
+def mean_over_categories(estimates: list[Estimate], level: float = 0.95, clip: bool = True) -> Estimate:
     """The mean of per-category values with its interval. Categories are independent samples
     (their resamples are drawn independently), so Var(mean) = Σ_c se_c² / C²; the interval is
-    mean ± z·se clipped to [0, 1]. NaN categories are left out of value and variance alike."""
+    mean ± z·se, clipped to [0, 1] for metrics (``clip``; not for differences). NaN categories
+    are left out of value and variance alike."""
     kept = [e for e in estimates if not math.isnan(e.value)]
     if not kept:
         return Estimate(math.nan, math.nan, math.nan, math.nan)
     value = float(np.mean([e.value for e in kept]))
     se = math.sqrt(sum(e.se ** 2 for e in kept)) / len(kept)
     z = norm.ppf(0.5 + level / 2)
-    return Estimate(value, se, max(0.0, value - z * se), min(1.0, value + z * se))
+    lo, hi = value - z * se, value + z * se
+    return Estimate(value, se, max(0.0, lo), min(1.0, hi)) if clip else Estimate(value, se, lo, hi)
