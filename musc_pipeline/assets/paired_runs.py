@@ -26,7 +26,7 @@ from musc_pipeline.settings import Settings
 PAIRED_COLUMNS = ("dataset", "category", "metric", "delta", "lo", "hi", "se", "p_value")
 
 
-def _masks(settings: Settings, profile: str, partition: str, run: ScoredRun) -> np.ndarray | None:
+def run_masks(settings: Settings, profile: str, partition: str, run: ScoredRun) -> np.ndarray | None:
     """The run's ground truth at its S, from its profile's image manifest (None without masks)."""
     io = ParquetIOManager(base_path=UPath(settings.storage))
     path = io.make_safe_partition_path(UPath(settings.storage) / profile / "image_manifest", partition)
@@ -46,7 +46,7 @@ def paired_profiles(settings: Settings, a: str, b: str) -> pd.DataFrame:
         run_a, run_b = history.latest(a, partition), history.latest(b, partition)
         if run_a is None or run_b is None:
             continue
-        masks_a, masks_b = _masks(settings, a, partition, run_a), _masks(settings, b, partition, run_b)
+        masks_a, masks_b = run_masks(settings, a, partition, run_a), run_masks(settings, b, partition, run_b)
         set_a = previous_score_set(run_a, run_a.image_ids, run_a.labels, masks_a, run_a.image_size, how)
         set_b = previous_score_set(run_b, run_a.image_ids, run_a.labels, masks_b, run_b.image_size, how)
         if isinstance(set_b, str):  # other images or labels: nothing to pair
