@@ -32,31 +32,30 @@ PART_VALUES = 2**21
 
 _SOURCE = r"""
 #include <stdint.h>
-/* a: n values ascending, p: m values ascending -> sum over p of (#a < p) + (#a <= p). */
+#include <stddef.h>
+/* a: n values ascending, p: m values ascending -> out[owner[k]] (out[0] without owners)
+   += (#a < p[k]) + (#a <= p[k]): one merge pass over both */
+static void merge_counts(const float *a, long n, const float *p, const int32_t *owner, long m, int64_t *out)
+{
+    long lt = 0, le = 0;
+    for (long k = 0; k < m; k++) {
+        const float v = p[k];
+        while (lt < n && a[lt] < v) lt++;
+        if (le < lt) le = lt;
+        while (le < n && a[le] <= v) le++;
+        out[owner ? owner[k] : 0] += lt + le;
+    }
+}
 int64_t rank_sums(const float *a, long n, const float *p, long m)
 {
     int64_t acc = 0;
-    long lt = 0, le = 0;
-    for (long k = 0; k < m; k++) {
-        const float v = p[k];
-        while (lt < n && a[lt] < v) lt++;
-        if (le < lt) le = lt;
-        while (le < n && a[le] <= v) le++;
-        acc += lt + le;
-    }
+    merge_counts(a, n, p, NULL, m, &acc);
     return acc;
 }
-/* the same counts against positives of many images: out[owner[k]] += (#a < p[k]) + (#a <= p[k]) */
+/* the same counts against the defect pixels of many images, summed per image (core/uncertainty) */
 void owner_rank_sums(const float *a, long n, const float *p, const int32_t *owner, long m, int64_t *out)
 {
-    long lt = 0, le = 0;
-    for (long k = 0; k < m; k++) {
-        const float v = p[k];
-        while (lt < n && a[lt] < v) lt++;
-        if (le < lt) le = lt;
-        while (le < n && a[le] <= v) le++;
-        out[owner[k]] += lt + le;
-    }
+    merge_counts(a, n, p, owner, m, out);
 }
 """
 
