@@ -153,3 +153,13 @@ def test_materialized_rerun_against_an_injected_better_run_warns(tmp_path, mini_
     second = materialize(["category_metrics"])
     regression = {ev.check_name: ev for ev in second.get_asset_check_evaluations()}["regression_vs_previous"]
     assert not regression.passed and "injected" in regression.metadata["compared_with"].value
+
+
+def test_interval_settings_version_the_metrics_only():
+    from musc_pipeline.assets.context import code_versions
+    from musc_pipeline.settings import IntervalSettings, ProfileSettings
+
+    base = code_versions(ProfileSettings())
+    more = code_versions(ProfileSettings(), intervals=IntervalSettings(resamples=500))
+    looser = code_versions(ProfileSettings(), intervals=IntervalSettings(min_effect=0.05, history_runs=9))
+    assert {k for k in base if base[k] != more[k]} == {"metrics"} and looser == base

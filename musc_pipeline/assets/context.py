@@ -16,7 +16,7 @@ from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, Pr
 from musc_pipeline.assets.partitions import split_key
 from musc_pipeline.assets.profile_rules import setting_problem
 from musc_pipeline.resources.weights import resolve_name
-from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
+from musc_pipeline.settings import DatasetSettings, IntervalSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
 CODE_REVISION = {"manifest": 1, "features": 4, "lnamd": 3, "msm": 2, "maps": 3, "salient": 1, "rscin": 2, "metrics": 5}
@@ -40,8 +40,10 @@ def profile_problem(name: str, profile: ProfileSettings) -> str | None:
     return f"profile {name!r} in {os.environ.get('MUSC_CONFIG', 'musc.yaml')} is unusable: {problem}"
 
 
-def code_versions(profile: ProfileSettings, usable: bool = True) -> dict[str, str]:
-    """Code version of each stage: its code revision and the settings it depends on."""
+def code_versions(profile: ProfileSettings, usable: bool = True,
+                  intervals: IntervalSettings = IntervalSettings()) -> dict[str, str]:
+    """Code version of each stage: its code revision and the settings it depends on (the
+    metrics' intervals: B, seed, level and bins; not the regression check's settings)."""
     method = profile.method
     backbone_fp = backbone_fingerprint(profile) if usable else fingerprint(profile.backbone, "unusable")
     return {
@@ -55,7 +57,8 @@ def code_versions(profile: ProfileSettings, usable: bool = True) -> dict[str, st
         "salient": fingerprint(CODE_REVISION["salient"], method.aggregation, json.dumps(method.degrees)),
         "rscin": fingerprint(CODE_REVISION["rscin"], json.dumps(method.rscin_windows), method.rscin_precision,
                              *method.variant("rescoring", "rscon_windows")),
-        "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule),
+        "metrics": fingerprint(CODE_REVISION["metrics"], method.mask_rule,
+                               intervals.model_dump_json(include={"resamples", "seed", "level", "bins"})),
     }
 
 

@@ -35,6 +35,7 @@ def build_profile_assets(
     problem = profile_problem(name, profile)
     if problem:  # the other profiles load and run; this one's assets carry the reason and fail with it
         log.warning(problem)
-    p = ProfileContext(name, profile, settings, partitions, code_versions(profile, usable=not problem), problem)
+    versions = code_versions(profile, usable=not problem, intervals=settings.intervals)
+    p = ProfileContext(name, profile, settings, partitions, versions, problem)
     extra = (salient_features_asset,) if profile.method.rescoring == "rscon" else ()
     return [factory(p) for factory in STAGE_FACTORIES + extra] + build_study_assets(p)
