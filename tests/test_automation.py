@@ -58,6 +58,9 @@ def test_backbone_change_reruns_materialized_partitions_and_compares(tmp_path, m
     assert row["before"] == first["previous_pixel_auroc"]
     assert row["before"] != row["after"]  # a different input size changes the maps
     assert abs(row["delta"] - (row["after"] - row["before"])) < 1e-12
+    # the paired test against the run before the change (its per-image maps from the score history)
+    assert row["delta_lo"] < row["delta_hi"] and 0.0 <= row["p_value"] <= 1.0
+    assert row["significant"] == (row["delta_lo"] > 0 or row["delta_hi"] < 0)
 
 
 def test_weekly_schedule_requests_every_partition(tmp_path, mini_root):

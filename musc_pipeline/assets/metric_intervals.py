@@ -70,27 +70,29 @@ def regression_result(deltas: dict[str, Estimate], min_effect: float, previous: 
 
 def compare_with_previous(previous: ScoredRun | None, current: ScoredRun, current_set: category.ScoreSet,
                           masks: np.ndarray | None, how: category.Resampling,
-                          min_effect: float) -> AssetCheckResult | SkippedCheck:
-    """``regression_vs_previous`` of ``current`` against the category's previous stored run:
-    paired on the same images (DeLong for image AUROC, the paired bootstrap for the rest)."""
+                          min_effect: float) -> tuple[AssetCheckResult | SkippedCheck, dict[str, Estimate]]:
+    """``regression_vs_previous`` of ``current`` against the category's previous stored run,
+    paired on the same images (DeLong for image AUROC, the paired bootstrap for the rest), and
+    the Δ = current − previous of each metric ({} when skipped)."""
     if previous is None:
-        return SkippedCheck("regression_vs_previous", "no previous run of this category in the score history")
+        return SkippedCheck("regression_vs_previous", "no previous run of this category in the score history"), {}
     prev = previous_score_set(previous, current.image_ids, current.labels, masks, current.image_size, how)
     if isinstance(prev, str):
-        return SkippedCheck("regression_vs_previous", prev)
+        return SkippedCheck("regression_vs_previous", prev), {}
     point_b = previous.metrics if previous.image_size == current.image_size else None
     values = {k: v for k, v in current.metrics.items() if not math.isnan(v)}
     if prev.pixels is None or current_set.pixels is None:
         values = {k: v for k, v in values.items() if k.startswith("image_")}
     deltas = category.paired(current.labels, current_set, prev, values, point_b, how)
     if not any(not math.isnan(e.value) for e in deltas.values()):
-        return SkippedCheck("regression_vs_previous", "no metric has a value in both runs")
-    return regression_result(deltas, min_effect, previous)
+        return SkippedCheck("regression_vs_previous", "no metric has a value in both runs"), {}
+    return regression_result(deltas, min_effect, previous), deltas
 
 
 def category_uncertainty(settings: Settings, profile: str, partition: str, current: ScoredRun,
                          masks: np.ndarray | None, full: np.ndarray | None) -> tuple[dict, AssetCheckResult | SkippedCheck]:
-    """The row's interval columns (and the seconds they took) and ``regression_vs_previous``;
+    """The row's interval columns (and the seconds they took), the paired Δ against the previous
+    run (``vs_previous_<metric>_delta``, ``_lo``, ``_hi``, ``_p``) and ``regression_vs_previous``;
     ``current`` then joins the category's score history."""
     how, s = resampling(settings.intervals), settings.intervals
     start = time.perf_counter()
@@ -99,8 +101,12 @@ def category_uncertainty(settings: Settings, profile: str, partition: str, curre
     columns["intervals_s"], columns["interval_level"] = time.perf_counter() - start, how.level
     history = ScoreHistory(settings.storage)
     start = time.perf_counter()
-    regression = compare_with_previous(history.latest(profile, partition), current, current_set, masks, how,
-                                       s.min_effect)
+    regression, deltas = compare_with_previous(history.latest(profile, partition), current, current_set, masks, how,
+                                               s.min_effect)
     columns["regression_s"] = time.perf_counter() - start
+    for k in METRIC_NAMES:
+        e = deltas.get(k, Estimate(math.nan, math.nan, math.nan, math.nan))
+        columns |= {f"vs_previous_{k}_delta": e.value, f"vs_previous_{k}_lo": e.lo, f"vs_previous_{k}_hi": e.hi,
+                    f"vs_previous_{k}_p": e.p_value}
     history.append(profile, partition, current, keep=s.history_runs)
     return columns, regression

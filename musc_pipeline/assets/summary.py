@@ -3,6 +3,7 @@
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
@@ -69,17 +70,22 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
     def regression_comparison(table: pd.DataFrame) -> Output[pd.DataFrame]:
-        """Before/after table: each category's metrics against its previous materialization."""
+        """Before/after table: each category's metrics against its previous materialization, with
+        the paired test's interval of after − before and its p-value (NaN before a previous run)."""
         rows = []
         for r in table.itertuples():
             for m in METRIC_COLUMNS:
                 before, after = getattr(r, f"previous_{m}"), getattr(r, m)
+                paired = {c: getattr(r, f"vs_previous_{m}_{c}", math.nan) for c in ("lo", "hi", "p")}
                 rows.append({"dataset": r.dataset, "category": r.category, "metric": m, "before": before,
-                             "after": after, "delta": after - before, "before_backbone": r.previous_backbone,
-                             "after_backbone": r.backbone})
+                             "after": after, "delta": after - before, "delta_lo": paired["lo"],
+                             "delta_hi": paired["hi"], "p_value": paired["p"],
+                             "significant": bool(paired["lo"] > 0 or paired["hi"] < 0),
+                             "before_backbone": r.previous_backbone, "after_backbone": r.backbone})
         df = pd.DataFrame(rows)
         changed = df[df["delta"].abs() > 1e-9]
         return Output(df, metadata=table_metadata(df) | {"changed_values": len(changed),
+                                    "significant_changes": int(df["significant"].sum()) if len(df) else 0,
                                     "largest_changes": MetadataValue.md(md_table(
                                         changed.reindex(changed["delta"].abs().sort_values(ascending=False).index).head(15)))
                                     if len(changed) else "no change"})
