@@ -141,7 +141,7 @@ def test_materialized_rerun_against_an_injected_better_run_warns(tmp_path, mini_
     assert materialize(["image_manifest", "backbone_features", "lnamd_features", "msm_scores", "anomaly_maps",
                         "rscin_scores", "category_metrics"]).success
     row = pd.read_parquet(tmp_path / "store" / "musc" / "category_metrics" / "mini" / "cat1.parquet").iloc[0]
-    assert row["pixel_auroc_lo"] < row["pixel_auroc"] < row["pixel_auroc_hi"] and row["intervals_s"] > 0
+    assert row["pixel_auroc_lo"] < row["pixel_auroc"] < row["pixel_auroc_hi"] and row["intervals_ms_per_image"] > 0
     history = ScoreHistory(settings.storage)
     run = history.latest("musc", "mini/cat1")
     manifest = pd.read_parquet(tmp_path / "store" / "musc" / "image_manifest" / "mini" / "cat1.parquet")

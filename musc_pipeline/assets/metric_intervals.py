@@ -91,22 +91,24 @@ def compare_with_previous(previous: ScoredRun | None, current: ScoredRun, curren
 
 def category_uncertainty(settings: Settings, profile: str, partition: str, current: ScoredRun,
                          masks: np.ndarray | None, full: np.ndarray | None) -> tuple[dict, AssetCheckResult | SkippedCheck]:
-    """The row's interval columns (and the seconds they took), the paired Δ against the previous
-    run (``vs_previous_<metric>_delta``, ``_lo``, ``_hi``, ``_p``) and ``regression_vs_previous``;
+    """The row's interval columns (and their time per image), the paired Δ against the previous
+    run (``previous_<metric>_delta`` and its ``_lo``, ``_hi``, ``_p``) and ``regression_vs_previous``;
     ``current`` then joins the category's score history."""
     how, s = resampling(settings.intervals), settings.intervals
     start = time.perf_counter()
     current_set = category.score_set(current.scores, masks, full, how)
     columns = interval_columns(category.intervals(current.labels, current_set, current.metrics, how))
-    columns["intervals_s"], columns["interval_level"] = time.perf_counter() - start, how.level
+    n = len(current.labels)
+    columns["intervals_ms_per_image"] = 1000 * (time.perf_counter() - start) / n
+    columns["interval_level"] = how.level
     history = ScoreHistory(settings.storage)
     start = time.perf_counter()
     regression, deltas = compare_with_previous(history.latest(profile, partition), current, current_set, masks, how,
                                                s.min_effect)
-    columns["regression_s"] = time.perf_counter() - start
+    columns["regression_ms_per_image"] = 1000 * (time.perf_counter() - start) / n
     for k in METRIC_NAMES:
         e = deltas.get(k, Estimate(math.nan, math.nan, math.nan, math.nan))
-        columns |= {f"vs_previous_{k}_delta": e.value, f"vs_previous_{k}_lo": e.lo, f"vs_previous_{k}_hi": e.hi,
-                    f"vs_previous_{k}_p": e.p_value}
+        columns |= {f"previous_{k}_delta": e.value, f"previous_{k}_delta_lo": e.lo,
+                    f"previous_{k}_delta_hi": e.hi, f"previous_{k}_delta_p": e.p_value}
     history.append(profile, partition, current, keep=s.history_runs)
     return columns, regression

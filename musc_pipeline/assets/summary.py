@@ -76,7 +76,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         for r in table.itertuples():
             for m in METRIC_COLUMNS:
                 before, after = getattr(r, f"previous_{m}"), getattr(r, m)
-                paired = {c: getattr(r, f"vs_previous_{m}_{c}", math.nan) for c in ("lo", "hi", "p")}
+                paired = {c: getattr(r, f"previous_{m}_delta_{c}", math.nan) for c in ("lo", "hi", "p")}
                 rows.append({"dataset": r.dataset, "category": r.category, "metric": m, "before": before,
                              "after": after, "delta": after - before, "delta_lo": paired["lo"],
                              "delta_hi": paired["hi"], "p_value": paired["p"],
