@@ -109,11 +109,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
             row |= interval_columns({})
             regression = SkippedCheck("regression_vs_previous", "unlabeled images: no metrics to compare")
         else:
-            current = ScoredRun(run_id=context.run.run_id, materialized_at=row["materialized_at"], config=row["config"],
-                                backbone=ident["backbone"], image_ids=[str(i) for i in scores["image_id"]],
-                                labels=labels.to_numpy(int), scores=scores["score_rscin"].to_numpy(np.float64),
-                                patch_maps=amaps.arrays["patch_maps"], image_size=size,
-                                smoothing_sigma=float(amaps.meta["smoothing_sigma"]), metrics=values)
+            current = _scored_run(context.run.run_id, row, scores, amaps, values)
             uncertainty, regression = category_uncertainty(p.settings, p.name, context.partition_key, current, gt, full)
             row |= uncertainty
         previous = previous_metrics(context, key)
@@ -121,16 +117,7 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
             row[f"previous_{k}"] = previous.get(k, math.nan)
         row["previous_backbone"] = previous.get("backbone", "")
         df = pd.DataFrame([row])
-        table = df[["dataset", "category", *METRIC_NAMES]]
-        meta = {"metrics": MetadataValue.md(md_table(table)), "notes": "; ".join(notes) or "none"}
-        meta |= {k: MetadataValue.float(float(v)) for k, v in values.items()}
-        level = f"{p.settings.intervals.level:.0%}"
-        meta["intervals"] = MetadataValue.md(md_table(pd.DataFrame(
-            [{"metric": k, "value": row[k], f"{level} lo": row[f"{k}_lo"], f"{level} hi": row[f"{k}_hi"]}
-             for k in METRIC_NAMES])))
-        meta["backbone"] = ident["backbone"]
-        meta |= table_metadata(df)
-        yield Output(df, output_name="category_metrics", metadata=meta)
+        yield Output(df, output_name="category_metrics", metadata=_metadata(df, values, notes, p.settings.intervals.level))
         for result in metric_checks(row, regression):
             if isinstance(result, SkippedCheck):  # no result: the UI shows the check as skipped
                 context.log.info(f"check {result.check_name} skipped: {result.reason}")
@@ -138,3 +125,25 @@ def category_metrics_asset(p: ProfileContext) -> AssetsDefinition:
                 yield result
 
     return category_metrics
+
+
+def _metadata(df: pd.DataFrame, values: dict, notes: list[str], level: float) -> dict:
+    """The materialization's metadata: the metrics (a table and each as a float), their
+    intervals (a table), notes, backbone and the table schema."""
+    row = df.iloc[0]
+    meta = {"metrics": MetadataValue.md(md_table(df[["dataset", "category", *METRIC_NAMES]])),
+            "notes": "; ".join(notes) or "none"}
+    meta |= {k: MetadataValue.float(float(v)) for k, v in values.items()}
+    meta["intervals"] = MetadataValue.md(md_table(pd.DataFrame(
+        [{"metric": k, "value": row[k], f"{level:.0%} lo": row[f"{k}_lo"], f"{level:.0%} hi": row[f"{k}_hi"]}
+         for k in METRIC_NAMES])))
+    return meta | {"backbone": str(row["backbone"])} | table_metadata(df)
+
+
+def _scored_run(run_id: str, row: dict, scores: pd.DataFrame, amaps: ArrayBundle, values: dict) -> ScoredRun:
+    """What the score history keeps of this run of the category."""
+    return ScoredRun(run_id=run_id, materialized_at=row["materialized_at"], config=row["config"],
+                     backbone=row["backbone"], image_ids=[str(i) for i in scores["image_id"]],
+                     labels=scores["label"].to_numpy(int), scores=scores["score_rscin"].to_numpy(np.float64),
+                     patch_maps=amaps.arrays["patch_maps"], image_size=int(amaps.meta["image_size"]),
+                     smoothing_sigma=float(amaps.meta["smoothing_sigma"]), metrics=values)
