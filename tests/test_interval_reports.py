@@ -52,3 +52,15 @@ def test_intervals_and_significance_marks_in_the_pages(tmp_path):
     assert "[-15.0, -5.0]" in compare and "[-12.0, +10.0]" in compare
     mean_ci = f"[{100 * (-0.1 - z * math.sqrt(2 * 0.02**2) / 2):+.1f}, {100 * (-0.1 + z * math.sqrt(2 * 0.02**2) / 2):+.1f}]"
     assert mean_ci in compare  # the mean row: the categories' paired standard errors combined
+
+
+def test_chromium_shows_the_intervals_and_marks(tmp_path):
+    from test_reports import dump_dom, screenshot
+
+    a, b = _run("a", {"image_auroc": 0.95}, se=0.01), _run("b", {"image_auroc": 0.85}, se=0.01)
+    render_reports(tmp_path / "out", [a, b], None, paired=_paired())
+    run_dom = dump_dom(tmp_path, tmp_path / "out" / "a_demo.html")
+    assert '<span class="ci" title="95 % interval">[93.0, 96.0]</span>' in run_dom
+    compare = tmp_path / "out" / "compare_a_vs_b.html"
+    assert dump_dom(tmp_path, compare).count('<span class="sig" title=') == 3  # c1, c2 and the mean: image AUROC
+    screenshot(tmp_path, compare, tmp_path / "compare.png")
