@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: on Linux x86-64 this CUDA build runs on CPU too (pin loosely; see README)
+	# torch first: on Linux x86-64 this CUDA build runs on CPU too (pinned loosely)
 	$(PY) -m pip install -q "torch>=2.2" "torchvision>=0.17"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)

@@ -9,7 +9,7 @@ materializes the profile's per-category assets through Dagster (the project's ow
 preprocessing, LNAMD, MSM, maps, RsCIN and metrics) and returns the largest difference per
 stage against the authors' arrays.
 
-Run ``python tests/parity.py`` to print the table that README "Parity with the official
+Run ``python tests/parity.py`` to print the table that docs/parity.md "Parity with the official
 code" quotes; ``tests/test_parity.py`` asserts the tolerances.
 """
 

@@ -17,7 +17,7 @@ Layouts:
   ``<root>/<category>/ground_truth/<defect>/<nnn>/`` holding ``000.png``, ``001.png``… (one
   per defect), united into one mask (non-zero = anomalous).
 
-File policy, the same for every layout (README "Bad input"):
+File policy, the same for every layout (docs/datasets.md "File policy"):
 
 - Entries of an image or mask folder that are not image files — another suffix (``Thumbs.db``,
   ``README``, ``notes.txt``), a hidden file (``.DS_Store``, ``._000.png``) or a sub-folder —
