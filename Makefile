@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# the shipped instance settings (out of the root: Dagster warns about a dagster.yaml it ignores)
+INSTANCE_YAML := deploy/dagster.yaml
+# options of `dg dev`, e.g. DEV_ARGS="--port 3001"
+DEV_ARGS ?=
 
 .PHONY: demo studies test system-deps venv dev benchmark evaluate clean
 
@@ -19,12 +23,12 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m musc_pipeline.demo
 
 studies: $(STAMP)  # after `make demo`: every ablation study of every category, then reports/study_*.html
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m musc_pipeline.run_studies
 
 test: system-deps $(STAMP)
@@ -47,8 +51,8 @@ system-deps:
 
 dev: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
+	$(VENV)/bin/dg dev $(DEV_ARGS)  # the project of pyproject.toml's [tool.dg]
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/msm.py

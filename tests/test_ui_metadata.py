@@ -1,40 +1,24 @@
-"""What the UI shows: escaped Markdown tables, table schemas, side-by-side previews."""
+"""What a newcomer sees in the Dagster UI (issue #25): study tables, check results, schedule and
+sensor descriptions, rounded floats, figures labelled as figures."""
 
 from __future__ import annotations
 
-import base64
-import io
-
-import numpy as np
 import pandas as pd
-from PIL import Image
 
-from musc_pipeline.assets.metadata import figure_markdown, map_preview_png, md_table, table_metadata
-
-
-def _png(markdown: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(markdown.split("base64,", 1)[1].rstrip(")"))))
+from musc_pipeline.assets.study_common import wide_results
 
 
-def test_markdown_table_escapes_html_like_category_names():
-    table = md_table(pd.DataFrame({"category": ["<script>x</script>", "a|b & c"], "image_auroc": [1.0, 0.5]}))
-    assert "&lt;script&gt;x&lt;/script&gt;" in table and "<script>" not in table
-    assert "a\\|b &amp; c" in table and "| 1.0000 |" in table
+def _long(settings: list[str], metrics: list[str]) -> pd.DataFrame:
+    """A study's long table as study_output writes it (values: order + metric index / 10)."""
+    return pd.DataFrame([{"profile": "musc", "study": "degrees", "setting": s, "setting_order": i, "dataset": "demo",
+                          "category": "c", "metric": m, "value": i + j / 10}
+                         for i, s in enumerate(settings) for j, m in enumerate(metrics)])
 
 
-def test_table_metadata_has_row_count_and_column_schema():
-    meta = table_metadata(pd.DataFrame({"category": ["a", "b"], "score": [0.1, 0.2]}))
-    assert meta["dagster/row_count"].value == 2
-    columns = meta["dagster/column_schema"].schema.columns
-    assert [c.name for c in columns] == ["category", "score"] and columns[1].type == "float64"
-
-
-def test_preview_shows_image_map_and_mask_side_by_side(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
-    amap = rng.random((32, 32)).astype(np.float32)
-    preview = _png(map_preview_png(image, amap, amap > 0.5, "img_1: highest image score"))
-    assert preview.width > 2.5 * preview.height  # three panels in a row
-    path = tmp_path / "fig.png"
-    Image.new("RGB", (2000, 500), "white").save(path)
-    assert _png(figure_markdown(path, width=900)).size == (900, 225)
+def test_study_results_table_has_one_row_per_setting_in_study_order():
+    settings = ["{1}", "{3}", "{5}", "{1, 3}", "{1, 5}", "{3, 5}", "{1, 3, 5}", "{1, 3, 5, 7}", "{1, 3, 5, 7, 9}"]
+    wide = wide_results(_long(settings, ["image_auroc", "pixel_auroc", "image_ap"]))
+    assert list(wide["setting"]) == settings  # 9 rows, not 81
+    assert list(wide.columns) == ["setting", "image_ap", "image_auroc", "pixel_auroc"]
+    assert not wide.isna().any().any()
+    assert wide.loc[3, "pixel_auroc"] == 3.1
