@@ -187,8 +187,10 @@ def test_figures_and_html_report_assets(tmp_path, mini_root):
     result = _materialize(defs, PER_CATEGORY + ["category_figures"], instance)
     assert result.success
     meta = {ev.asset_key.path[-1]: ev.materialization.metadata for ev in result.get_asset_materialization_events()}
-    assert meta["category_figures"]["figure: qualitative"].value.startswith("![")  # the figure itself, in the UI
-    assert "data:image/png;base64," in meta["anomaly_maps"]["preview (highest-scoring image)"].value
+    figure = meta["category_figures"]["figure: qualitative maps"].value  # the figure itself, in the UI
+    assert figure.startswith("**Figure: qualitative maps**\n\n![qualitative maps](data:image/png;base64,")
+    assert Path(meta["category_figures"]["figure file: qualitative maps"].value).is_file()
+    assert meta["anomaly_maps"]["figure: highest-scoring image"].value.startswith("**Figure: image, anomaly map and mask**")
     assert meta["rscin_scores"]["dagster/row_count"].value == 10
     job = defs.resolve_implicit_global_asset_job_def()
     keys = [AssetKey(["musc", "metrics_table"]), AssetKey(["html_report"])]

@@ -63,7 +63,7 @@ def table_metadata(df: pd.DataFrame, describe: Callable[[str], str | None] = lam
 def _png_markdown(fig, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.05)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return f"**Figure: {alt}**\n\n![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
 def map_preview_png(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title: str) -> str:
@@ -87,12 +87,13 @@ def map_preview_png(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None
         plt.close(fig)
 
 
-def figure_markdown(path: str | Path, width: int = 900) -> str:
-    """A saved figure, scaled down to ``width`` pixels, as a Markdown image (data URI)."""
+def figure_markdown(path: str | Path, title: str, width: int = 900) -> str:
+    """A saved figure, scaled down to ``width`` pixels, as a Markdown image (data URI) under a
+    "Figure: <title>" caption (the UI shows Markdown behind a "Show Markdown" link)."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.thumbnail((width, width * 4))
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="PNG", optimize=True)
-    return f"![{Path(path).stem}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return f"**Figure: {title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"

@@ -36,6 +36,8 @@ from musc_pipeline.settings import VARIANT_CHOICES, ProfileSettings, Settings
 
 METRIC_COLUMNS = list(metrics.IMAGE_METRICS + metrics.PIXEL_METRICS)
 _ALL = {"allow_missing_partitions": True}
+#: The UI's name of each figure of ``category_figures``.
+FIGURE_TITLES = {"qualitative": "qualitative maps", "histograms": "score histograms", "curves": "ROC and PR curves"}
 
 
 def with_means(df: pd.DataFrame) -> pd.DataFrame:
@@ -105,7 +107,10 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         }
         made = {k: v for k, v in made.items() if v}
         (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
-        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(out_dir / v)) for k, v in made.items()}
+        meta = {}
+        for kind, file in made.items():  # Dagster has no image metadata: a captioned Markdown image and the file
+            meta[f"figure: {FIGURE_TITLES[kind]}"] = MetadataValue.md(figure_markdown(out_dir / file, FIGURE_TITLES[kind]))
+            meta[f"figure file: {FIGURE_TITLES[kind]}"] = MetadataValue.path(str(out_dir / file))
         return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]
