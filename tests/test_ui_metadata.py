@@ -11,6 +11,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, FloatMetadataValue, MarkdownMetadataValue
 
 from conftest import make_category, small_settings
+from musc_pipeline.assets.metrics_columns import describe_column
 from musc_pipeline.assets.study_common import wide_results
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.reports.figures import select_examples
@@ -94,6 +95,7 @@ def test_metadata_floats_are_rounded_and_columns_described(materialized):
     columns = meta["dagster/column_schema"].value.columns
     assert len(columns) == len(row) >= 44
     assert [c.name for c in columns if not c.description] == []
+    assert describe_column("stored_anomaly_maps_bytes_per_image") == "bytes per image anomaly_maps holds in storage after scoring"
 
 
 def test_figures_are_labelled_as_figures(materialized):

@@ -23,6 +23,7 @@ from dagster import (
 
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
+from musc_pipeline.assets.metrics_columns import describe_column
 from musc_pipeline.assets.ground_truth import ground_truth
 from musc_pipeline.assets.paper_reference import REFERENCE_CSV
 from musc_pipeline.assets.scoring import full_maps
@@ -65,7 +66,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
         table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
         return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))}
-                      | table_metadata(df))
+                      | table_metadata(df, describe_column))
 
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
