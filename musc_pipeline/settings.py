@@ -108,6 +108,13 @@ class StudySettings(_Strict):
     # Tab. 8, Tab. 13: the profiles compared side by side (one column per backbone × image size); () = every profile
     backbone_profiles: tuple[str, ...] = ()
 
+    @field_validator("extra_degrees")
+    @classmethod
+    def _odd_degrees(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 or r % 2 == 0 for r in value):
+            raise ValueError(f"studies.extra_degrees = {list(value)} is not allowed: odd integers >= 1 (LNAMD degrees r)")
+        return value
+
 
 class Settings(_Strict):
     storage: str = ".musc"  # base location: a path or an fsspec URL (s3://…)

@@ -89,7 +89,7 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
 
     from upath import UPath
 
-    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.ground_truth import ground_truth
     from musc_pipeline.assets.scoring import full_maps
     from musc_pipeline.resources.storage import ArrayIOManager
     from musc_pipeline.definitions import build_definitions

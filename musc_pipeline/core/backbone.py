@@ -29,6 +29,7 @@ increasing depth (strides 4, 8, 16, 32), each resized to the grid of ``grid_stri
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -101,6 +102,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     ]
 }
 PAPER_BACKBONE = "ViT-L-14-336"
+
+
+#: A ViT's patch side in its model name: open_clip ``ViT-L-14-336``, timm ``vit_base_patch14_dinov2``.
+_PATCH_IN_NAME = re.compile(r"^ViT-[A-Za-z]+-(\d+)|patch(\d+)")
+
+
+def token_stride(spec: BackboneSpec) -> int | None:
+    """Pixels per token of the tap grid (the image size must be a multiple of it): a ViT's patch
+    side as its model name states it, a CNN's ``grid_stride``; None when the name does not say."""
+    if spec.family == "efficientnet_lite":
+        return spec.grid_stride
+    hit = _PATCH_IN_NAME.search(spec.arch)
+    return int(hit.group(1) or hit.group(2)) if hit else None
 
 
 def get_spec(name: str) -> BackboneSpec:
