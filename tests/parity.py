@@ -56,11 +56,12 @@ def fixture_weights(backbone: str, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from musc_pipeline.core import backbone as bb
+    from musc_pipeline.core.registry import get_spec
 
     path = folder / f"{backbone}-random-seed0-fp16.safetensors"
     if path.is_file():
         return path
-    spec = bb.get_spec(backbone)
+    spec = get_spec(backbone)
     captured: dict[str, torch.Tensor] = {}
     bb.build(spec, spec.native_size, seed=0, load_weights=lambda model: captured.update(model.state_dict()))
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in captured.items()}

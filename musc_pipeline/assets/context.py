@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, PreviewWarning, StaticPartitionsDefinition
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.resources.weights import resolve_name
+from musc_pipeline.resources.weights import resolve_name, spec_for
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
@@ -31,7 +31,7 @@ def backbone_fingerprint(profile: ProfileSettings) -> str:
 def profile_problem(name: str, profile: ProfileSettings) -> str | None:
     """Why a profile cannot run (one line naming it and the settings file), or None."""
     try:
-        resolve_name(profile.backbone.name)
+        spec_for(profile.backbone)
     except ValueError as exc:  # an unknown backbone name: the message lists the known ones
         return f"profile {name!r} in {os.environ.get('MUSC_CONFIG', 'musc.yaml')} is unusable: {exc}"
     return None
