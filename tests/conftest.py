@@ -50,3 +50,13 @@ def mini_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     make_category(root, "cat1")
     return root
+
+
+@pytest.fixture(scope="session")
+def registry_hub(tmp_path_factory) -> dict[str, Path]:
+    """A hub cache holding seeded weights of every registry hub backbone (tests/hub_cache.py);
+    written once per session: about 3.9 GB of float16 files."""
+    from hub_cache import write_registry
+
+    cache = tmp_path_factory.mktemp("hf_home") / "hub"
+    return {"cache": cache, **write_registry(cache)}

@@ -102,12 +102,13 @@ class FeatureExtractor:
 
     def _timm(self, images: torch.Tensor) -> BackboneOutput:
         """timm ViT (prefix tokens dropped by timm) or CNN (stages resized to the grid)."""
-        if self.spec.family == "timm_vit":
-            final, taps = self.network.forward_intermediates(
-                images, indices=list(self.spec.taps), norm=self.spec.tap_final_norm, output_fmt="NHWC")
-        else:
+        if self.spec.family == "timm_vit":  # B×C×h×w on the patch grid
+            final, maps = self.network.forward_intermediates(
+                images, indices=list(self.spec.taps), norm=self.spec.tap_final_norm, output_fmt="NCHW")
+        else:  # stages of strides 2..32, resized to the grid
             final, maps = self.network.forward_intermediates(images, indices=list(self.spec.taps))
-            taps = [_resize_map(t, self.grid[0]).permute(0, 2, 3, 1) for t in maps]  # B×h×w×C
+            maps = [_resize_map(t, self.grid[0]) for t in maps]
+        taps = [t.permute(0, 2, 3, 1) for t in maps]  # B×h×w×C
         embedding = self.network.forward_head(final, pre_logits=True)  # final: after the final norm
         return BackboneOutput(list(taps), F.normalize(embedding.float(), dim=-1))
 

@@ -55,8 +55,9 @@ def _clip(name: str, tag: str, taps: tuple[int, ...], size: int, native: int) ->
 
 
 def _dino(name: str, arch: str, taps: tuple[int, ...], native: int, final_norm: bool) -> BackboneSpec:
+    """DINO (v1) at 224 px, its native size; DINOv2 at 224 px too, its checkpoints at 518 px."""
     return BackboneSpec(
-        name, "timm_vit", arch, "hub", taps, native, native, IMAGENET_MEAN, IMAGENET_STD,
+        name, "timm_vit", arch, "hub", taps, 224, native, IMAGENET_MEAN, IMAGENET_STD,
         "bilinear", tap_final_norm=final_norm,
     )
 
@@ -73,8 +74,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         _clip("ViT-B-16-plus-240", "laion400m_e32", _VIT_B, 240, 240),
         _dino("dino_vitb16", "vit_base_patch16_224.dino", _VIT_B, 224, False),
         _dino("dino_vitb8", "vit_base_patch8_224.dino", _VIT_B, 224, False),
-        _dino("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", _VIT_B, 224, True),
-        _dino("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", _VIT_L, 224, True),
+        _dino("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", _VIT_B, 518, True),
+        _dino("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", _VIT_L, 518, True),
         *[
             BackboneSpec(
                 f"efficientnet_lite{k}", "efficientnet_lite", f"efficientnet_lite{k}", None, (1, 2, 4, 6),
