@@ -10,8 +10,7 @@ fails if either library stops finding what a download would have left there.
 The weights are seeded random values in float16 (the dtype of the published open_clip
 checkpoints; timm casts on load), every tensor of the model's state dict at its pretrained
 configuration (open_clip: the architecture's native size, timm: the tag's), shapes read from
-a model built on the ``meta`` device. Norm scales (1-D ``weight``) are 1 + noise, the rest
-N(0, 0.02²).
+a model built on the ``meta`` device (:func:`seeded_state`).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def seeded_state(spec: registry.BackboneSpec, seed: int = 0) -> dict[str, torch.
     """Random float16 tensors with the names and shapes of the spec's pretrained checkpoint.
 
     Each tensor is a window of one seeded pool of N(0, 1) values (drawing 0.4 G values anew per
-    ViT-L file took 3–7 s here), scaled to N(0, 0.02²); norm scales (1-D ``weight``) are 1 + that.
+    ViT-L file took 3–7 s here), scaled to N(0, 0.02²); norm scales (1-D ``weight``) are 1 + that, batch-norm variances 1 + |that|.
     """
     if spec.family == "open_clip":
         import open_clip
@@ -66,6 +65,8 @@ def seeded_state(spec: registry.BackboneSpec, seed: int = 0) -> dict[str, torch.
         else:
             offset = (offset + 7919) % (_POOL - n + 1)
             x = pool[offset:offset + n].reshape(t.shape).clone()
+        if name.endswith("running_var"):  # batch-norm variances must be positive
+            x = x.abs() + 1
         state[name] = x + 1 if t.ndim == 1 and name.endswith("weight") else x
     return state
 
