@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: demo studies test venv dev benchmark evaluate clean
+.PHONY: demo studies test venv dev benchmark evaluate clean plan
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
 	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m musc_pipeline.demo
+
+plan: $(STAMP)  # what a run would do: backbones, weights, device, categories, time and disk estimates
+	$(PY) -m musc_pipeline.plan
 
 studies: $(STAMP)  # after `make demo`: every ablation study of every category, then reports/study_*.html
 	@mkdir -p $(DAGSTER_HOME)

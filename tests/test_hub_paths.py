@@ -158,3 +158,14 @@ def test_missing_hub_weights_name_the_repository_and_files(broken_hub):
     with pytest.raises(WeightsUnavailableError, match=r"timm/vit_base_patch8_224\.dino \(model\.safetensors or "
                                                       r"pytorch_model\.bin\) in the Hugging Face cache " + str(broken_hub)):
         locate_weights(BackboneSettings(name="dino_vitb8"), download=False)
+
+
+def test_the_plan_says_auto_is_the_paper_backbone_from_the_hub_cache(offline, tmp_path):
+    from musc_pipeline import plan
+
+    settings = Settings(storage=str(tmp_path / "store"), profiles={"musc": ProfileSettings()})
+    (musc,) = plan.plan(settings)
+    assert musc.backbone == "auto -> ViT-L-14-336 @ 518 px (taps 5,11,17,23): its weights are in the hub cache"
+    assert musc.weights == f"hub cache {offline['ViT-L-14-336']} (revision " \
+                           f"{hub_cache.revision_of('timm/vit_large_patch14_clip_336.openai')})"
+    assert musc.cost.source.startswith("measured default")
