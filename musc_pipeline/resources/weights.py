@@ -176,7 +176,7 @@ def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Ide
         elif settings.weights == "default":
             revision = hub.revision(path)
         if settings.weights == "default" and spec.family in ("timm_vit", "timm_cnn"):
-            extractor = _timm_pretrained(spec, size, settings.seed, path)
+            extractor = _timm_pretrained(spec, size, settings, path)
         else:
             with _without_open_clip_random_notice():
                 extractor = bb.build(spec, size, settings.activation, settings.seed,
@@ -188,17 +188,18 @@ def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Ide
     return extractor, identity
 
 
-def _timm_pretrained(spec: registry.BackboneSpec, size: int, seed: int, path: str) -> bb.FeatureExtractor:
+def _timm_pretrained(spec: registry.BackboneSpec, size: int, settings: BackboneSettings, path: str) -> bb.FeatureExtractor:
     """timm's own pretrained path: it reads ``path`` from the hub cache and adapts it to the model."""
     import timm
 
-    torch.manual_seed(seed)
+    activation = bb.resolve_activation(spec, size, settings.activation)
+    torch.manual_seed(settings.seed)
     try:
         model = timm.create_model(spec.arch, pretrained=True, **bb.timm_options(spec, size))
     except Exception as exc:  # truncated file, wrong shapes, missing keys
         raise WeightsUnavailableError(f"{path}: timm cannot load it as {spec.arch} weights "
                                       f"({type(exc).__name__}: {str(exc)[:300]})") from None
-    return bb.wrap(spec, model, size, "gelu")
+    return bb.wrap(spec, model, size, activation)
 
 
 def _pos_embed_resize(spec: registry.BackboneSpec, size: int, random_init: bool) -> str:
