@@ -34,6 +34,8 @@ DEFAULTS = {
     ("ViT-L-14-336", 518): (6806.2, 5197.9, 40, 11_300_000, 70_000),
 }
 
+NO_ESTIMATE = "none: no stored row for this backbone and size, no measured default; the first category run records one"
+
 
 @dataclass
 class Cost:
@@ -142,9 +144,9 @@ def _default_cost(backbone: str, size: int, intermediates: str) -> Cost | None:
 def render(plans: list[ProfilePlan], settings: Settings, device: str) -> str:
     lines = [f"storage {settings.storage}; device {device} (ModelResource device {ModelRuntime.device!r})"]
     for p in plans:
+        source = p.cost.source if p.cost else NO_ESTIMATE
         lines += ["", f"profile {p.name}" + (f" - {p.description}" if p.description else ""),
-                  f"  backbone  {p.backbone}", f"  weights   {p.weights}",
-                  f"  estimate  {p.cost.source if p.cost else 'none: no stored row for this backbone and size, no measured default; the first category run records one'}"]
+                  f"  backbone  {p.backbone}", f"  weights   {p.weights}", f"  estimate  {source}"]
         for name, note, cats in p.datasets:
             lines.append(f"  dataset {name}: {note}: {len(cats)} categories, {sum(n for _, n in cats)} images")
             for cat, n in cats:
