@@ -9,7 +9,7 @@ INSTANCE_YAML := deploy/dagster.yaml
 # options of `dg dev`, e.g. DEV_ARGS="--port 3001"
 DEV_ARGS ?=
 
-.PHONY: demo studies test system-deps venv dev benchmark evaluate clean
+.PHONY: demo studies test system-deps venv dev benchmark evaluate clean plan
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
 	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m musc_pipeline.demo
+
+plan: $(STAMP)  # what a run would do: backbones, weights, device, categories, time and disk estimates
+	$(PY) -m musc_pipeline.plan
 
 studies: $(STAMP)  # after `make demo`: every ablation study of every category, then reports/study_*.html
 	@mkdir -p $(DAGSTER_HOME)
