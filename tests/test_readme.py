@@ -35,7 +35,7 @@ COVERED = {
     "dagster-celery worker start": "tests/test_celery.py::test_three_partitions_on_two_celery_workers",
     "dagster dev -m musc_pipeline.celery_definitions": "tests/test_celery.py::test_three_partitions_on_two_celery_workers",
 }
-RUN_HERE = ("make demo", ".venv/bin/python -c", "python:")
+RUN_HERE = ("make demo", "make plan", ".venv/bin/python -c", "python:")
 
 
 def readme_commands(text: str) -> list[str]:
@@ -114,6 +114,16 @@ def test_make_demo_prints_the_headline_and_where_the_report_is(user_folder):
     assert re.search(r"musc\s+all\s+mean", proc.stdout), proc.stdout
     report = re.search(r"^Report: (.+)$", proc.stdout, flags=re.M).group(1)
     assert (tmp / report).is_file() and (tmp / report).name == "index.html"
+
+
+def test_make_plan_names_each_profile_s_backbone_and_the_categories(user_folder):
+    tmp, env = user_folder
+    make = shlex.split(_readme_command("make plan"), comments=True)
+    proc = subprocess.run([make[0], "-o", ".venv/.installed", *make[1:]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for expected in ("musc", "efficientnet_lite0", "random_vit", "ViT-B-16", "PA_BDP01_TL"):
+        assert expected in proc.stdout, proc.stdout
 
 
 def test_python_snippet_and_sql_query_run_as_written(user_folder):
