@@ -34,15 +34,13 @@ The seam for speed work is :func:`max_similarities`; everything else is selectio
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from musc_pipeline.core import lnamd, msm_kernel
+from musc_pipeline.core import lnamd, msm_kernel, msm_lowp
 
 Interval = tuple[float, float]
 Mode = Literal["zero_shot", "few_shot", "musc_plus"]
@@ -112,6 +110,48 @@ def resolve_strategy(strategy: str, device: torch.device | str = "cpu") -> str:
     return strategy
 
 
+Precision = Literal["exact_fp32", "lowp_rerank"]
+BlockPairs = list[tuple[tuple[int, int], tuple[int, int]]]
+
+
+def block_pairs(n: int, m: int, b: int, symmetric: bool) -> BlockPairs:
+    """Query × key blocks of b images; symmetric: only blocks with J ≥ I (each pair once)."""
+    q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
+    k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
+    return [(q, k) for qi, q in enumerate(q_blocks) for kj, k in enumerate(k_blocks) if not symmetric or kj >= qi]
+
+
+def _per_degree(queries, keys, degrees, pairs: BlockPairs, out, dtype, progress) -> None:
+    """One product Z_{r,i} Z_{r,j}ᵀ per degree and block pair in ``dtype``, reduced to maxima."""
+    symmetric = keys is None
+    n, h, w, c = queries.shape
+    p = h * w
+    unit = lambda maps_, r: lnamd.unit_features(maps_.float(), r).reshape(len(maps_), p, c).to(dtype)  # noqa: E731
+
+    for ri, r in enumerate(degrees):  # one degree's features at a time (memory); unit: products are cosines
+        q_feats = unit(queries, r)
+        k_feats = q_feats if symmetric else unit(keys, r)
+        for done, ((i0, i1), (j0, j1)) in enumerate(pairs, 1):
+            # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
+            sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
+            out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
+            if symmetric and j0 != i0:
+                out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
+            if progress is not None:
+                progress(ri * len(pairs) + done, len(degrees) * len(pairs))
+        del q_feats, k_feats
+
+
+def _as_grids(queries, keys, degrees):
+    """N×P×C features (degree 1 only) as N×P×1×C grids; the degrees as a tuple."""
+    degrees = tuple(degrees)
+    if queries.ndim == 3:
+        if degrees != (1,):
+            raise ValueError("degrees > 1 need the patch grid: pass N×h×w×C maps")
+        return queries.unsqueeze(2), None if keys is None else keys.unsqueeze(2), degrees
+    return queries, keys, degrees
+
+
 def max_similarities(
     queries: torch.Tensor,
     keys: torch.Tensor | None,
@@ -120,6 +160,9 @@ def max_similarities(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = torch.float32,
     strategy: Strategy = "auto",
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
+    counter: msm_lowp.Candidates | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """For each degree, query patch and key image: the best cosine similarity to that image.
@@ -127,75 +170,36 @@ def max_similarities(
     queries: N×h×w×C layer-normed maps Y (or N×P×C with degrees == (1,)).
     keys: M×h×w×C, or None to score the queries against themselves (symmetric: each image
     pair is multiplied once; the self-pairs are set to −inf).
-    strategy (:func:`resolve_strategy`):
+    precision ``exact_fp32`` — strategy (:func:`resolve_strategy`):
       - ``box_filter``: one product Y_i Y_jᵀ per image pair; every degree from it by the box
         filter over both grids, scaled by the inverse window norms, reduced to row and column
-        maxima pair by pair in cache (the C kernel below).
+        maxima pair by pair in cache (:mod:`msm_kernel`).
       - ``per_degree``: one product Z_{r,i} Z_{r,j}ᵀ per degree on the LNAMD features (any
         device and dtype; maxima are exact in any precision, so blocks stay in ``dtype``).
+    precision ``lowp_rerank``: per degree, a ``lowp_dtype`` product finds candidates, their
+    float32 similarities give the maxima (:mod:`msm_lowp`; ``counter`` counts candidates).
     Returns R×N×P×M float32, ``max_n cos(B_r(Y_i)[m], B_r(Y_j)[n])``.
     """
     if dtype == torch.bfloat16:
         raise ValueError("bfloat16 similarities lose rank order (SPEC §3); use float16 or float32")
-    strategy = resolve_strategy(strategy, queries.device)
-    degrees = tuple(degrees)
-    if queries.ndim == 3:
-        if degrees != (1,):
-            raise ValueError("degrees > 1 need the patch grid: pass N×h×w×C maps")
-        queries = queries.unsqueeze(2)
-        keys = None if keys is None else keys.unsqueeze(2)
+    if precision not in ("exact_fp32", "lowp_rerank"):
+        raise ValueError(f"unknown MSM precision {precision!r}; use exact_fp32 or lowp_rerank")
+    queries, keys, degrees = _as_grids(queries, keys, degrees)
     n, h, w, c = queries.shape
     p = h * w
     symmetric = keys is None
-    key_maps = queries if symmetric else keys
-    m = key_maps.shape[0]
-
+    m = n if symmetric else keys.shape[0]
     out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
-    if strategy == "box_filter":
+    if precision == "lowp_rerank":
+        pairs = block_pairs(n, m, block_size(p, memory_budget, itemsize=lowp_dtype.itemsize + 1), symmetric)
+        msm_lowp.max_similarities(queries, keys, degrees, pairs, out, lowp_dtype, counter, progress)
+    elif resolve_strategy(strategy, queries.device) == "box_filter":
         # the block G of each worker, capped at what stays in cache; work rows come on top
         b = block_size(p, min(memory_budget // max(1, torch.get_num_threads()), msm_kernel.BLOCK_BYTES))
+        msm_kernel.run_pairs(queries, keys, degrees, block_pairs(n, m, b, symmetric), out, dtype, progress)
     else:
-        b = block_size(p, memory_budget, itemsize=torch.finfo(dtype).bits // 8)
-    q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
-    k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
-    pairs = [(qi, kj) for qi in range(len(q_blocks)) for kj in range(len(k_blocks)) if not symmetric or kj >= qi]
-
-    if strategy == "box_filter":
-        flat = lambda maps_: maps_.reshape(len(maps_), p, c).to(dtype)  # noqa: E731
-        q_feats = flat(queries)
-        k_feats = q_feats if symmetric else flat(key_maps)
-        kernel = msm_kernel.BoxKernel(degrees, (h, w), msm_kernel.inverse_window_norms(queries, degrees),
-                            None if symmetric else msm_kernel.inverse_window_norms(key_maps, degrees), out)
-        # One worker per thread, each multiplying (single-threaded) and filtering whole block
-        # pairs: no synchronisation between the product and the kernel, blocks stay in cache.
-        threads = torch.get_num_threads()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                jobs = [pool.submit(kernel, q_feats, k_feats, *q_blocks[qi], *k_blocks[kj]) for qi, kj in pairs]
-                for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
-                    job.result()
-                    if progress is not None:
-                        progress(done, len(pairs))
-        finally:
-            torch.set_num_threads(threads)  # the workers' setting is also the default of later threads
-    else:
-        def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
-            # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
-            return F.normalize(lnamd.window_mean(maps_.float(), r), dim=-1).reshape(len(maps_), p, c).to(dtype)
-
-        for ri, r in enumerate(degrees):  # one degree's features at a time (memory)
-            q_feats = unit(queries, r)
-            k_feats = q_feats if symmetric else unit(key_maps, r)
-            for done, (qi, kj) in enumerate(pairs, 1):
-                (i0, i1), (j0, j1) = q_blocks[qi], k_blocks[kj]
-                # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
-                sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
-                out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
-                if symmetric and j0 != i0:
-                    out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
-                if progress is not None:
-                    progress(ri * len(pairs) + done, len(degrees) * len(pairs))
-            del q_feats, k_feats
+        pairs = block_pairs(n, m, block_size(p, memory_budget, itemsize=dtype.itemsize), symmetric)
+        _per_degree(queries, keys, degrees, pairs, out, dtype, progress)
     if symmetric:
         idx = torch.arange(n, device=out.device)
         out[:, idx, :, idx] = -torch.inf
