@@ -229,6 +229,9 @@ def scores_by_degree(
     result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
     strategy: Strategy = "auto",
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
+    counter: msm_lowp.Candidates | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.
@@ -246,7 +249,8 @@ def scores_by_degree(
         becomes the minimum over references (``interval`` is ignored).
     """
     n = maps.shape[0]
-    kw = dict(memory_budget=memory_budget, dtype=dtype, strategy=strategy)
+    kw = dict(memory_budget=memory_budget, dtype=dtype, strategy=strategy, precision=precision,
+              lowp_dtype=lowp_dtype, counter=counter)
     if mode in ("few_shot", "musc_plus") and (references is None or references.shape[0] == 0):
         raise ValueError(f"MSM mode {mode!r} needs at least one normal reference image")
     if mode == "musc_plus":
@@ -307,13 +311,16 @@ def score_stages(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.Tensor:
     """MSM of a whole category: every stage l, every degree r, each subset on its own.
 
     stage_maps: L tensors N×h×w×C (layer-normed Y_l, any device); groups: the image indices
     of each subset (:func:`musc_pipeline.core.subsets.divide`); references: L tensors of the
-    normal references' maps for the few-shot modes. Each subset and stage is moved to
+    normal references' maps for the few-shot modes. precision, lowp_dtype: as in
+    :func:`max_similarities`. Each subset and stage is moved to
     ``device`` in turn, so the device holds one subset of one stage at a time.
     Returns s_{l,r}(i, m) as N×L×R×P float32 on the CPU.
     """
@@ -326,8 +333,8 @@ def score_stages(
             s = scores_by_degree(
                 y[idx].to(device), degrees, interval,
                 references=None if references is None else references[l].to(device), mode=mode,
-                memory_budget=memory_budget, result_budget=result_budget, dtype=dtype,
-                progress=None if progress is None else (lambda done, total, label=label: progress(label, done, total)),
+                memory_budget=memory_budget, result_budget=result_budget, dtype=dtype, precision=precision,
+                lowp_dtype=lowp_dtype, progress=None if progress is None else (lambda done, total, label=label: progress(label, done, total)),
             )  # R×n_sub×P
             out[idx, l] = s.permute(1, 0, 2).float().cpu()
     return out

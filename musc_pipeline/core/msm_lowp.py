@@ -19,11 +19,13 @@ Products of two bfloat16 (8 + 8 bits) or float16 (11 + 11) significands are exac
 and γ holds for any order and blocking of the sum (oneDNN, cuBLAS split-K), as long as the
 sums are float32: on CUDA the reduced-precision reductions are switched off around the
 products. The inner dimension is never chunked: the accumulation term is for C terms.
-The float32 re-rank has its own error δ = γν² (the float32 path's is the same order), so a
-patch is a candidate when ``ŝ(m, n) ≥ max_n' ŝ(m, n') − 2(e + δ)``: the true maximum n* has
-ŝ(n*) ≥ s(n*) − e ≥ s(n̂) − e ≥ ŝ(n̂) − 2e, and any n within 2δ of it is kept too, so the
-maximum over the candidates' float32 values equals the float32 path's up to float32 rounding.
-For ViT-B (C = 768): bfloat16 e + δ = 0.0118, float16 0.0015.
+The float32 re-rank has its own error δ = γν² (the float32 path's is the same order). With n̂
+the approximate best of a row and s̃(n̂) its float32 similarity, a patch is a candidate when
+``ŝ(m, n) ≥ s̃(n̂) − (e + 3δ)``: the true best n* has ŝ(n*) ≥ s(n*) − e ≥ s(n̂) − e ≥ s̃(n̂) − δ − e,
+and every n within 2δ of it is kept too, so the maximum of the candidates' float32 values is
+the float32 path's up to float32 rounding. (Thresholding at the exact s̃(n̂) instead of
+max ŝ − 2e halves the window: one float32 dot per row buys it.)
+For ViT-B (C = 768): e + 3δ = 0.0118 in bfloat16, 0.0015 in float16.
 
 Every degree gets its own low-precision product of its unit features Z_r (R products).
 Through the box-filter identity (one product of Y for all degrees, as ``box_filter`` does in
@@ -50,7 +52,7 @@ from musc_pipeline.core import lnamd
 
 LOWP_DTYPES = (torch.bfloat16, torch.float16)
 #: Gathered candidate rows per step of the re-rank (two C-vectors each): bounds its memory.
-RERANK_CHUNK = 1 << 16
+RERANK_CHUNK = 1 << 12
 
 
 def unit_roundoffs(dtype: torch.dtype) -> tuple[float, float]:
@@ -74,9 +76,10 @@ def product_error(channels: int, dtype: torch.dtype) -> float:
 
 
 def candidate_margin(channels: int, dtype: torch.dtype) -> float:
-    """2(e + δ): a patch is a candidate when its ŝ is within this of the row's best ŝ."""
+    """e + 3δ: a patch is a candidate when its ŝ is at least the float32 similarity of the
+    row's approximate best minus this (module doc)."""
     gamma = channels * 2.0**-24 / (1 - channels * 2.0**-24)
-    return 2 * (product_error(channels, dtype) + gamma * (1 + gamma) ** 2)
+    return product_error(channels, dtype) + 3 * gamma * (1 + gamma) ** 2
 
 
 def window_norm_ratios(y: torch.Tensor, r: int) -> torch.Tensor:
@@ -112,27 +115,40 @@ def float32_sums(device: torch.device) -> Iterator[None]:
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = before
 
 
+def _dots(rows_q: torch.Tensor, rows_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """float32 dot products of the row pairs (rows_q[q[t]], rows_k[k[t]]), a chunk at a time."""
+    out = torch.empty(len(q), device=rows_q.device)
+    for s in range(0, len(q), RERANK_CHUNK):
+        part = slice(s, s + RERANK_CHUNK)
+        out[part] = torch.linalg.vecdot(rows_q.index_select(0, q[part]), rows_k.index_select(0, k[part]))
+    return out
+
+
 def rerank_block(zq: torch.Tensor, zk: torch.Tensor, zq_low: torch.Tensor, zk_low: torch.Tensor,
                  margin: float, both: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One block pair: bi×P×C queries against bj×P×C keys (float32 and low-precision copies).
 
-    Returns the candidates' (i, m, j, n) indices (K×4) and their float32 similarities; with
-    ``both`` the candidates cover every column's maximum too (the symmetric case).
+    Each row's threshold is the float32 similarity of its approximate best minus ``margin``
+    (:func:`candidate_margin`). Returns the candidates' (i, m, j, n) indices (K×4) and their
+    float32 similarities; with ``both`` they cover every column's maximum too (symmetric).
     """
     bi, p, c = zq.shape
     bj = zk.shape[0]
+    rows_q, rows_k = zq.reshape(-1, c), zk.reshape(-1, c)
     approx = (zq_low.reshape(-1, c) @ zk_low.reshape(-1, c).T).view(bi, p, bj, p)
-    keep = approx >= (approx.amax(dim=3, keepdim=True).float() - margin)
+    i, m, j = (ix.reshape(-1) for ix in torch.meshgrid(*(torch.arange(s, device=zq.device) for s in (bi, p, bj)),
+                                                        indexing="ij"))
+    best = approx.argmax(dim=3).reshape(-1)  # (i, m, j) -> n̂
+    floor = (_dots(rows_q, rows_k, i * p + m, j * p + best) - margin).view(bi, p, bj, 1)
+    keep = approx >= floor
     if both:
-        keep |= approx >= (approx.amax(dim=1, keepdim=True).float() - margin)
-    del approx
+        best = approx.argmax(dim=1).permute(0, 2, 1).reshape(-1)  # (i, j, n) -> m̂, as (i, n, j) runs
+        floor = (_dots(rows_q, rows_k, i * p + best, j * p + m) - margin).view(bi, p, bj).permute(0, 2, 1)
+        keep |= approx >= floor.unsqueeze(1)
+    del approx, floor
     idx = keep.nonzero()
     del keep
-    exact = torch.empty(len(idx), device=zq.device)
-    for s in range(0, len(idx), RERANK_CHUNK):
-        i, m, j, n = idx[s : s + RERANK_CHUNK].unbind(1)
-        exact[s : s + RERANK_CHUNK] = (zq[i, m] * zk[j, n]).sum(dim=-1)
-    return idx, exact
+    return idx, _dots(rows_q, rows_k, idx[:, 0] * p + idx[:, 1], idx[:, 2] * p + idx[:, 3])
 
 
 def scatter_max(out: torch.Tensor, index: Sequence[torch.Tensor], values: torch.Tensor) -> None:
@@ -175,3 +191,69 @@ def max_similarities(queries: torch.Tensor, keys: torch.Tensor | None, degrees: 
                 if progress is not None:
                     progress(ri * len(pairs) + done, len(degrees) * len(pairs))
             del zq, zk, zq_low, zk_low
+
+
+# --------------------------------------------------------------------------- precision "auto"
+
+#: The re-rank's cost over its R low-precision products (candidate masks, gather, scatter):
+#: measured with benchmarks/msm.py (docs/msm-precision.md), the lowp_rerank seconds over
+#: R block products' seconds at the lowp peak, minus one.
+RERANK_OVERHEAD = 1.0
+#: The C kernel's cost over box_filter's one float32 product (13–15 % measured, msm_kernel).
+BOX_KERNEL_OVERHEAD = 0.15
+PEAK_SHAPE = (2048, 768, 2048)  # about one MSM block pair: 10 images of P = 196, ViT-B's C
+
+
+@functools.cache
+def measured_peaks(device: str) -> dict[str, float]:
+    """GFLOP/s of a block-shaped product per precision on ``device`` (best of 3, ~0.3 s on a
+    CPU). float16 only on accelerators: CPUs without float16 matrix units run it at 0.4–3
+    GFLOP/s here, seconds for one timing."""
+    dev = torch.device(device)
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if dev.type != "cpu" else [])
+    m, k, n = PEAK_SHAPE
+    out = {}
+    for dtype in dtypes:
+        a, b = torch.randn(m, k, device=dev).to(dtype), torch.randn(k, n, device=dev).to(dtype)
+        best = math.inf
+        for rep in range(4):  # the first one warms up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            a @ b
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = best if rep == 0 else min(best, time.perf_counter() - t)
+        out[str(dtype).removeprefix("torch.")] = round(2 * m * k * n / best / 1e9, 1)
+    return out
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What ``msm_precision: auto`` chose, and from what (recorded in the run's metadata)."""
+
+    precision: str  # exact_fp32 | lowp_rerank
+    lowp_dtype: torch.dtype | None
+    peaks_gflops: dict[str, float]
+    reason: str
+
+    def record(self) -> dict[str, object]:
+        return {"precision": self.precision, "lowp_dtype": None if self.lowp_dtype is None
+                else str(self.lowp_dtype).removeprefix("torch."), "peaks_gflops": self.peaks_gflops,
+                "reason": self.reason}
+
+
+def choose_precision(peaks: dict[str, float], degrees: int, exact_strategy: str) -> PrecisionChoice:
+    """``auto``: lowp_rerank where its R low-precision products plus the re-rank take less
+    time than the exact path — box_filter: one float32 product plus the kernel; per_degree:
+    R float32 products — at the measured peaks; else exact_fp32. Ties keep exact_fp32."""
+    exact = (1 + BOX_KERNEL_OVERHEAD if exact_strategy == "box_filter" else degrees) / peaks["float32"]
+    # float16 first: its smaller roundoff leaves fewer candidates at the same speed
+    name = max((d for d in ("float16", "bfloat16") if d in peaks), key=lambda d: peaks[d])
+    lowp = degrees * (1 + RERANK_OVERHEAD) / peaks[name]
+    speed = f"{name} {peaks[name]:.0f} vs float32 {peaks['float32']:.0f} GFLOP/s"
+    if lowp < exact:
+        return PrecisionChoice("lowp_rerank", getattr(torch, name), peaks,
+                               f"{speed}: {degrees} {name} products + re-rank beat {exact_strategy} by {exact / lowp:.1f}×")
+    return PrecisionChoice("exact_fp32", None, peaks,
+                           f"{speed}: {degrees} {name} products + re-rank would take {lowp / exact:.1f}× {exact_strategy}'s time")
