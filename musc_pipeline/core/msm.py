@@ -25,7 +25,9 @@ How it is computed (all exact, see SPEC §3):
   and some 30 passes per block cost more than the product itself on this CPU.
   ``per_degree`` multiplies the LNAMD features of each degree instead (three products; any
   device and dtype; the default where the kernel is not available).
-- Image pairs are processed in blocks whose size is derived from a memory budget, so peak
+- ``precision="lowp_rerank"`` (:mod:`msm_lowp`): bfloat16/float16 products only find the
+  candidates of each maximum, their float32 similarities give it: the same maxima.
+- Image pairs are processed in blocks (:mod:`msm_blocks`) whose size is derived from a memory budget, so peak
   memory for the similarity blocks is bounded whatever N is. The per-pair result
   (R × N × P × N similarities) is what grows with N.
 
@@ -40,7 +42,8 @@ from typing import Literal
 
 import torch
 
-from musc_pipeline.core import lnamd, msm_kernel, msm_lowp
+from musc_pipeline.core import lnamd, msm_blocks, msm_kernel, msm_lowp
+from musc_pipeline.core.msm_blocks import block_pairs, block_size
 
 Interval = tuple[float, float]
 Mode = Literal["zero_shot", "few_shot", "musc_plus"]
@@ -86,12 +89,6 @@ def interval_slice(n: int, interval: Interval | str) -> slice:
     return slice(start, stop)
 
 
-def block_size(patches: int, memory_budget: int, copies: int = 1, itemsize: int = 4) -> int:
-    """Images per block so that one block pair's ``copies`` P×P similarity tensors fit the budget."""
-    per_pair = copies * patches * patches * itemsize
-    return max(1, math.isqrt(max(1, memory_budget // per_pair)))
-
-
 Strategy = Literal["auto", "box_filter", "per_degree"]
 
 
@@ -111,37 +108,6 @@ def resolve_strategy(strategy: str, device: torch.device | str = "cpu") -> str:
 
 
 Precision = Literal["exact_fp32", "lowp_rerank"]
-BlockPairs = list[tuple[tuple[int, int], tuple[int, int]]]
-
-
-def block_pairs(n: int, m: int, b: int, symmetric: bool) -> BlockPairs:
-    """Query × key blocks of b images; symmetric: only blocks with J ≥ I (each pair once)."""
-    q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
-    k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
-    return [(q, k) for qi, q in enumerate(q_blocks) for kj, k in enumerate(k_blocks) if not symmetric or kj >= qi]
-
-
-def _per_degree(queries, keys, degrees, pairs: BlockPairs, out, dtype, progress) -> None:
-    """One product Z_{r,i} Z_{r,j}ᵀ per degree and block pair in ``dtype``, reduced to maxima."""
-    symmetric = keys is None
-    n, h, w, c = queries.shape
-    p = h * w
-    unit = lambda maps_, r: lnamd.unit_features(maps_.float(), r).reshape(len(maps_), p, c).to(dtype)  # noqa: E731
-
-    for ri, r in enumerate(degrees):  # one degree's features at a time (memory); unit: products are cosines
-        q_feats = unit(queries, r)
-        k_feats = q_feats if symmetric else unit(keys, r)
-        for done, ((i0, i1), (j0, j1)) in enumerate(pairs, 1):
-            # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
-            sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
-            out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
-            if symmetric and j0 != i0:
-                out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
-            if progress is not None:
-                progress(ri * len(pairs) + done, len(degrees) * len(pairs))
-        del q_feats, k_feats
-
-
 def _as_grids(queries, keys, degrees):
     """N×P×C features (degree 1 only) as N×P×1×C grids; the degrees as a tuple."""
     degrees = tuple(degrees)
@@ -199,7 +165,7 @@ def max_similarities(
         msm_kernel.run_pairs(queries, keys, degrees, block_pairs(n, m, b, symmetric), out, dtype, progress)
     else:
         pairs = block_pairs(n, m, block_size(p, memory_budget, itemsize=dtype.itemsize), symmetric)
-        _per_degree(queries, keys, degrees, pairs, out, dtype, progress)
+        msm_blocks.per_degree(queries, keys, degrees, pairs, out, dtype, progress)
     if symmetric:
         idx = torch.arange(n, device=out.device)
         out[:, idx, :, idx] = -torch.inf
