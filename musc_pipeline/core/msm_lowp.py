@@ -196,10 +196,13 @@ def max_similarities(queries: torch.Tensor, keys: torch.Tensor | None, degrees: 
 
 # --------------------------------------------------------------------------- precision "auto"
 
-#: The re-rank's cost over its R low-precision products (candidate masks, gather, scatter):
-#: measured with benchmarks/msm.py (docs/msm-precision.md), the lowp_rerank seconds over
-#: R block products' seconds at the lowp peak, minus one.
-RERANK_OVERHEAD = 1.0
+#: The re-rank's cost over its R low-precision products (argmax dots, candidate masks, the
+#: gathers of candidate rows, the scatter), per device type: lowp_rerank's seconds over R
+#: block products' at the low-precision peak, minus one. CPU: 6.2 measured with
+#: benchmarks/msm.py at N = 24 on random features (2.7 candidates per maximum; real features
+#: leave more, docs/msm-precision.md): the row gathers run at memory speed. CUDA: not
+#: measured (no GPU was lent to this work); the gathers run at HBM speed there.
+RERANK_OVERHEAD = {"cpu": 6.0, "cuda": 1.0}
 #: The C kernel's cost over box_filter's one float32 product (13–15 % measured, msm_kernel).
 BOX_KERNEL_OVERHEAD = 0.15
 PEAK_SHAPE = (2048, 768, 2048)  # about one MSM block pair: 10 images of P = 196, ViT-B's C
@@ -244,14 +247,16 @@ class PrecisionChoice:
                 "reason": self.reason}
 
 
-def choose_precision(peaks: dict[str, float], degrees: int, exact_strategy: str) -> PrecisionChoice:
-    """``auto``: lowp_rerank where its R low-precision products plus the re-rank take less
-    time than the exact path — box_filter: one float32 product plus the kernel; per_degree:
-    R float32 products — at the measured peaks; else exact_fp32. Ties keep exact_fp32."""
+def choose_precision(peaks: dict[str, float], degrees: int, exact_strategy: str,
+                     device_type: str = "cpu") -> PrecisionChoice:
+    """``auto``: lowp_rerank where its R low-precision products plus the re-rank
+    (:data:`RERANK_OVERHEAD` of the device type; others count as CUDA) take less time than
+    the exact path — box_filter: one float32 product plus the kernel; per_degree: R float32
+    products — at the measured peaks; else exact_fp32. Ties keep exact_fp32."""
     exact = (1 + BOX_KERNEL_OVERHEAD if exact_strategy == "box_filter" else degrees) / peaks["float32"]
     # float16 first: its smaller roundoff leaves fewer candidates at the same speed
     name = max((d for d in ("float16", "bfloat16") if d in peaks), key=lambda d: peaks[d])
-    lowp = degrees * (1 + RERANK_OVERHEAD) / peaks[name]
+    lowp = degrees * (1 + RERANK_OVERHEAD.get(device_type, RERANK_OVERHEAD["cuda"])) / peaks[name]
     speed = f"{name} {peaks[name]:.0f} vs float32 {peaks['float32']:.0f} GFLOP/s"
     if lowp < exact:
         return PrecisionChoice("lowp_rerank", getattr(torch, name), peaks,

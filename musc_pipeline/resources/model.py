@@ -132,7 +132,8 @@ class ModelRuntime:
         device = self.torch_device
         if self.msm_precision == "auto":
             strategy = msm.resolve_strategy("auto", device)
-            return msm_lowp.choose_precision(msm_lowp.measured_peaks(str(device)), len(lnamd.DEGREES), strategy)
+            return msm_lowp.choose_precision(msm_lowp.measured_peaks(str(device)), len(lnamd.DEGREES), strategy,
+                                             device.type)
         if self.msm_precision == "lowp_rerank":
             lowp = torch.float16 if device.type == "cuda" else torch.bfloat16  # CPUs: float16 matmul is slow
             return msm_lowp.PrecisionChoice("lowp_rerank", lowp, {}, "set in the configuration")
