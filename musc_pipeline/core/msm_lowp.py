@@ -43,14 +43,13 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from musc_pipeline.core import lnamd
 
-LOWP_DTYPES = (torch.bfloat16, torch.float16)
 #: Gathered candidate rows per step of the re-rank (two C-vectors each): bounds its memory.
 RERANK_CHUNK = 1 << 12
 
@@ -90,10 +89,10 @@ def window_norm_ratios(y: torch.Tensor, r: int) -> torch.Tensor:
 
 @dataclass
 class Candidates:
-    """Counts of the re-rank (the benchmark prints ``per_patch``): candidates over query rows."""
+    """Counts of the re-rank (the benchmark prints ``per_patch``): candidates per maximum."""
 
     candidates: int = 0
-    rows: int = 0  # (degree, query patch, key image) triples whose maximum was re-ranked
+    rows: int = 0  # maxima re-ranked: rows (query patch, key image) and, symmetric, columns
 
     @property
     def per_patch(self) -> float:
@@ -162,7 +161,8 @@ def scatter_max(out: torch.Tensor, index: Sequence[torch.Tensor], values: torch.
 
 def max_similarities(queries: torch.Tensor, keys: torch.Tensor | None, degrees: Sequence[int],
                      pairs: Sequence[tuple[tuple[int, int], tuple[int, int]]], out: torch.Tensor,
-                     dtype: torch.dtype, counter: Candidates | None = None, progress=None) -> None:
+                     dtype: torch.dtype, counter: Candidates | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> None:
     """:func:`msm.max_similarities` with ``precision="lowp_rerank"``: fills ``out`` (R×N×P×M,
     −inf) for the given block pairs ((i0, i1), (j0, j1)); symmetric when keys is None."""
     symmetric = keys is None
