@@ -108,6 +108,8 @@ def resolve_strategy(strategy: str, device: torch.device | str = "cpu") -> str:
 
 
 Precision = Literal["exact_fp32", "lowp_rerank"]
+
+
 def _as_grids(queries, keys, degrees):
     """N×P×C features (degree 1 only) as N×P×1×C grids; the degrees as a tuple."""
     degrees = tuple(degrees)
