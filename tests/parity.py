@@ -87,10 +87,11 @@ def _copy_images(images: np.ndarray, root: Path) -> None:
             shutil.copy(DEMO_CATEGORY / mask, root / mask)
 
 
-def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
+def run(fixture: Fixture, work: Path, weights_folder: Path, msm_precision: str = "exact_fp32") -> dict[str, float]:
     """Materialize the fixture's category through the assets; largest differences per stage.
 
-    ``work`` receives the dataset and the results; ``weights_folder`` caches the checkpoints.
+    ``work`` receives the dataset and the results; ``weights_folder`` caches the checkpoints;
+    ``msm_precision`` is the model resource's (docs/msm-precision.md).
     """
     from dagster import DagsterInstance
     from safetensors.numpy import load_file
@@ -101,6 +102,7 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
     from musc_pipeline.assets.scoring import full_maps
     from musc_pipeline.resources.storage import ArrayIOManager
     from musc_pipeline.definitions import build_definitions
+    from musc_pipeline.resources.backbone import ModelResource
     from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings
 
     expected = np.load(PARITY_DIR / f"{fixture.name}.npz")
@@ -113,7 +115,7 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
         profiles={"parity": ProfileSettings(backbone=BackboneSettings(
             name=fixture.backbone, weights=str(weights), image_size=fixture.image_size))},
     )
-    defs = build_definitions(settings)
+    defs = build_definitions(settings, model=ModelResource(msm_precision=msm_precision))
     start = time.perf_counter()
     result = defs.resolve_job_def("parity_categories").execute_in_process(
         partition_key="demo/PA_BDP01_TL", instance=DagsterInstance.ephemeral())
@@ -147,9 +149,16 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    names = sys.argv[1:] or [f.name for f in FIXTURES]
+    """``python tests/parity.py [FIXTURE ...] [--msm-precision exact_fp32|lowp_rerank|auto]``."""
+    args = sys.argv[1:]
+    precision = "exact_fp32"
+    if "--msm-precision" in args:
+        at = args.index("--msm-precision")
+        precision = args[at + 1]
+        del args[at : at + 2]
+    names = args or [f.name for f in FIXTURES]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {f.name: run(f, Path(tmp), Path(tmp)) for f in FIXTURES if f.name in names}
+        results = {f.name: run(f, Path(tmp), Path(tmp), precision) for f in FIXTURES if f.name in names}
     table = pd.DataFrame(results)
     with pd.option_context("display.float_format", "{:.2e}".format, "display.width", 160):
         print(table.to_string())

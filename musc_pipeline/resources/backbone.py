@@ -50,6 +50,14 @@ class ModelResource(ConfigurableResource):
         return self.runtime.msm_dtype
 
     @property
+    def msm_options(self) -> dict[str, object]:
+        return self.runtime.msm_options
+
+    @property
+    def msm_choice(self):
+        return self.runtime.msm_choice
+
+    @property
     def msm_memory_budget(self) -> int:
         return self.runtime.msm_memory_budget
 
