@@ -40,8 +40,8 @@ class ModelResource(ConfigurableResource):
     threads: int = 0  # 0: torch's default
 
     def setup_for_execution(self, context: InitResourceContext) -> None:  # noqa: D102
-        if context.instance is not None and context.dagster_run is not None:
-            recover_runs(context.instance, context.dagster_run, context.log.warning)
+        if context.instance is not None and context.run is not None:
+            recover_runs(context.instance, context.run, context.log.warning)
             slot_wait.install()
         if self.threads:
             torch.set_num_threads(self.threads)
