@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from run_processes import step_event_time, stop, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
 KEY = "mini/cat1"
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 CLI = [str(BIN / "dagster"), "asset", "materialize", "-m", "musc_pipeline.definitions",
        "--select", "*random_vit/category_metrics", "--partition", KEY]
 
@@ -75,13 +77,22 @@ def _kill_in_msm(instance: DagsterInstance, env: dict) -> tuple[str, float]:
     return run_id, killed_at
 
 
-def _recovered(instance: DagsterInstance, run_id: str, killed_at: float, timeout: float = 300) -> tuple[float, float]:
-    """Seconds from the kill until the run was marked failed and until its slots were free."""
-    failed = wait_for("marked failed", lambda: instance.get_run_by_id(run_id).is_finished and time.time(), timeout,
-                      poll=0.2)
-    free = wait_for("slot free", lambda: run_id not in instance.event_log_storage.get_concurrency_run_ids()
-                    and time.time(), timeout, poll=0.2)
-    return failed - killed_at, free - killed_at
+class Watch(threading.Thread):
+    """From the kill on, polls when the killed run is marked failed and when its slots are free."""
+
+    def __init__(self, instance: DagsterInstance, run_id: str):
+        super().__init__(daemon=True)
+        self.instance, self.run_id = instance, run_id
+        self.failed_at = self.free_at = None
+
+    def run(self) -> None:
+        while self.failed_at is None or self.free_at is None:
+            now = time.time()
+            if self.failed_at is None and self.instance.get_run_by_id(self.run_id).is_finished:
+                self.failed_at = now
+            if self.free_at is None and self.run_id not in self.instance.event_log_storage.get_concurrency_run_ids():
+                self.free_at = now
+            time.sleep(0.2)
 
 
 def _next_run(instance: DagsterInstance, killed_id: str, killed_at: float) -> float:
@@ -99,13 +110,16 @@ def measure(path: str, root: Path, data: Path) -> tuple[float, float, float | No
             if path == "daemon":
                 daemon = _start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env)
             killed_id, killed_at = _kill_in_msm(instance, env)
+            watch = Watch(instance, killed_id)
+            watch.start()
             if path == "cli":
                 second = _start(CLI, env)
                 assert second.wait(timeout=300) == 0, second.stderr.read()[-3000:]
             elif path == "python":
-                assert materialize(assets, partition_key=KEY, instance=instance).success
-            failed, free = _recovered(instance, killed_id, killed_at)
-            return failed, free, None if path == "daemon" else _next_run(instance, killed_id, killed_at)
+                assert materialize(assets, partition_key=KEY, instance=instance, run_config=QUIET).success
+            watch.join(timeout=300)
+            step = None if path == "daemon" else _next_run(instance, killed_id, killed_at)
+            return watch.failed_at - killed_at, watch.free_at - killed_at, step
         finally:
             for proc in (second, daemon):
                 if proc is not None:

@@ -11,23 +11,42 @@ that work itself, with Dagster's instance APIs only:
   setup) and again while a step of it waits for a pool slot (:mod:`musc_pipeline.slot_wait`);
 - a run still ``STARTED`` whose logged process is gone (:func:`~musc_pipeline.launcher.run_health`)
   is marked failed with the reason, whether or not it holds a slot;
-- the slots (claimed or queued) of runs that are dead, finished with their process gone, or
-  deleted are freed;
+- the slots (claimed or queued) of runs that are dead, finished or deleted are freed;
 - what was done is written to the recovering run's event log (and so to the CLI's console).
 
-A slot of a live run is never touched: its process exists and is the one that logged the pid.
-Pids are compared on this host, which is where the instance of ``dagster.yaml`` keeps its runs.
+A pid means something only on its own host (a Kubernetes pod or a Celery worker has its own),
+so only runs tagged :data:`HOST_TAG` with this host are judged by their pid: the tag is written
+by the process that executes the run's steps, the in-process executor
+(:class:`~musc_pipeline.slot_wait.SlotWait`), whose pid Dagster logs. A slot of a live run is
+never touched: its process exists and is the one that logged the pid.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun
 
-from musc_pipeline.launcher import process_gone, run_health, run_process
+from musc_pipeline.launcher import run_health
+
+#: Run tag: the host whose process executes the run's steps (where its logged pid means something).
+HOST_TAG = "musc_pipeline/host"
+
+
+def tag_run_host(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Record that this process, on this host, executes ``run`` (so later runs may judge it)."""
+    instance.add_run_tags(run.run_id, {HOST_TAG: socket.gethostname()})
+
+
+def _dead_here(instance: DagsterInstance, run: DagsterRun) -> str | None:
+    """Why an unfinished run of this host no longer runs, or None (alive, or not judged here)."""
+    if run.tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    health = run_health(instance, run)
+    return health.msg if health.status == WorkerStatus.FAILED else None
 
 
 def _slot_holder_gone(instance: DagsterInstance, run_id: str) -> str | None:
@@ -36,11 +55,7 @@ def _slot_holder_gone(instance: DagsterInstance, run_id: str) -> str | None:
     if run is None:
         return f"run {run_id} no longer exists in the instance"
     if not run.is_finished:
-        health = run_health(instance, run)
-        return health.msg if health.status == WorkerStatus.FAILED else None
-    found = run_process(instance, run_id)
-    if found is not None and process_gone(*found) is None:
-        return None  # finished moments ago; its own process frees its slots
+        return _dead_here(instance, run)
     return f"run {run_id} ended ({run.status.value}) without freeing them"
 
 
@@ -52,13 +67,12 @@ def recover_runs(instance: DagsterInstance, current: DagsterRun, report: Callabl
     """
     done = []
     current_run_id = current.run_id
-    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-        if run.run_id == current_run_id:
-            continue
-        health = run_health(instance, run)
-        if health.status == WorkerStatus.FAILED:
-            instance.report_run_failed(run, f"Marked failed by run {current_run_id}: {health.msg}.")
-            done.append(f"run {run.run_id} marked failed: {health.msg}")
+    here = RunsFilter(statuses=[DagsterRunStatus.STARTED], tags={HOST_TAG: socket.gethostname()})
+    for run in instance.get_runs(here):
+        gone = None if run.run_id == current_run_id else _dead_here(instance, run)
+        if gone is not None:
+            instance.report_run_failed(run, f"Marked failed by run {current_run_id}: {gone}.")
+            done.append(f"run {run.run_id} marked failed: {gone}")
     for run_id in sorted(instance.event_log_storage.get_concurrency_run_ids() - {current_run_id}):
         reason = _slot_holder_gone(instance, run_id)
         if reason is not None:

@@ -15,7 +15,9 @@ Dagster's own ``DagsterExecutionInterruptedError`` when a signal arrived while t
 (Dagster then fails the run and frees its queued claims; the process's exit then skips the
 final collection of the objects it loaded), and every :data:`RECOVERY_INTERVAL`
 seconds of waiting it runs :func:`~musc_pipeline.recovery.recover_runs`, claiming again at once
-when that freed a slot. :func:`install` puts it in the in-process executor, whose module looks
+when that freed a slot. It also tags the run with this host
+(:data:`~musc_pipeline.recovery.HOST_TAG`): the in-process executor runs every step in the
+process whose pid Dagster logs for the run. :func:`install` puts it in the in-process executor, whose module looks
 the class up after a run's resources are set up; the model resource's setup installs it.
 """
 
@@ -25,12 +27,14 @@ import atexit
 import gc
 import time
 
+from dagster import DagsterInstance
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._core.executor import in_process
+from dagster._core.storage.dagster_run import DagsterRun
 from dagster._utils.interrupts import pop_captured_interrupt
 
-from musc_pipeline.recovery import recover_runs
+from musc_pipeline.recovery import recover_runs, tag_run_host
 
 MAX_SLEEP = 1.0  # seconds between checks for a signal while a step waits
 RECOVERY_INTERVAL = 2.0  # seconds between looks for dead slot holders while a step waits
@@ -39,10 +43,11 @@ RECOVERY_INTERVAL = 2.0  # seconds between looks for dead slot holders while a s
 class SlotWait(InstanceConcurrencyContext):
     """Dagster's per-run pool-slot claims, waiting without a busy loop (see module doc)."""
 
-    def __init__(self, instance, dagster_run):
+    def __init__(self, instance: DagsterInstance, dagster_run: DagsterRun):
         super().__init__(instance, dagster_run)
         self._run = dagster_run
         self._next_recovery = 0.0
+        tag_run_host(instance, dagster_run)  # this process executes the steps: its pid is the run's
 
     def claim(self, concurrency_key: str, step_key: str, step_priority: int = 0) -> bool:
         if pop_captured_interrupt():

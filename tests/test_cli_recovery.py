@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 
 from conftest import REPO, make_category
 from musc_pipeline.definitions import build_definitions
+from musc_pipeline.recovery import HOST_TAG
 from musc_pipeline.settings import load_settings
 from run_processes import step_event_time, stop, wait_for
 
@@ -165,9 +167,10 @@ def test_a_run_waiting_for_a_live_runs_slot_sleeps_never_takes_it_and_stops_on_s
         assert "Crash recovery" not in _messages(instance, waiting_id)
 
 
-def _dead_run(instance: DagsterInstance, pid: int, holds_slot: bool) -> str:
-    """A STARTED run whose logged process is ``pid`` (as the executor logs it), holding a slot or not."""
-    run = DagsterRun(job_name="killed_job", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED)
+def _dead_run(instance: DagsterInstance, pid: int, holds_slot: bool, host: str | None = None) -> str:
+    """A STARTED run whose logged process is ``pid`` on ``host`` (as a run's executor logs and tags it)."""
+    run = DagsterRun(job_name="killed_job", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED,
+                     tags={HOST_TAG: host or socket.gethostname()})
     instance.add_run(run)
     instance.report_engine_event("Executing steps in process", run, EngineEventData.in_process(pid))
     if holds_slot:
@@ -187,6 +190,7 @@ def test_python_run_fails_dead_runs_and_takes_a_slot_whose_holder_dies_while_it_
         instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
         stale_id = _dead_run(instance, exited.pid, holds_slot=False)  # shows as running forever in the UI
         holder_id = _dead_run(instance, holder.pid, holds_slot=True)
+        elsewhere_id = _dead_run(instance, exited.pid, holds_slot=False, host="another-host")  # its pid means nothing here
         threading.Timer(8.0, holder.kill).start()  # alive when the run starts, dead while it waits
         try:
             assets = [defs.resolve_assets_def(AssetKey(["random_vit", n])) for n in ("image_manifest", "backbone_features")]
@@ -204,4 +208,6 @@ def test_python_run_fails_dead_runs_and_takes_a_slot_whose_holder_dies_while_it_
         assert step_event_time(instance, result.run_id, "random_vit__embed") is not None
         for run_id in (stale_id, holder_id):
             assert instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(elsewhere_id).status == DagsterRunStatus.STARTED
+        assert instance.get_run_by_id(result.run_id).tags[HOST_TAG] == socket.gethostname()
         assert not instance.event_log_storage.get_concurrency_run_ids()

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
