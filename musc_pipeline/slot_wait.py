@@ -9,16 +9,16 @@ takes a whole core (dagster 1.13; docs/upstream-dagster-slot-wait.md). And the C
 SIGTERM/SIGINT (``capture_interrupts``) into a flag that only a step's own code checks, so a run
 that waits for a slot cannot be stopped short of ``kill -9``.
 
-:class:`SlotWait` is Dagster's class with three changes: it sleeps until the next claim is due
-(at most :data:`MAX_SLEEP` seconds at a time, so a signal is seen within that), it raises
+:class:`SlotWait` is Dagster's class with these changes: it sleeps until the next claim is
+due (at most :data:`MAX_SLEEP` seconds at a time, so a signal is seen within that); it raises
 Dagster's own ``DagsterExecutionInterruptedError`` when a signal arrived while the step waited
-(Dagster then fails the run and frees its queued claims; the process's exit then skips the
-final collection of the objects it loaded), and every :data:`RECOVERY_INTERVAL`
-seconds of waiting it runs :func:`~musc_pipeline.recovery.recover_runs`, claiming again at once
-when that freed a slot. It also tags the run with this host
-(:data:`~musc_pipeline.recovery.HOST_TAG`): the in-process executor runs every step in the
-process whose pid Dagster logs for the run. :func:`install` puts it in the in-process executor, whose module looks
-the class up after a run's resources are set up; the model resource's setup installs it.
+(Dagster then fails the run and frees its queued claims, and the process's exit skips the final
+collection of the objects it loaded); every :data:`RECOVERY_INTERVAL` seconds of waiting it runs
+:func:`~musc_pipeline.recovery.recover_runs`, claiming again at once when that freed a slot; and
+it tags the run with this host (:data:`~musc_pipeline.recovery.HOST_TAG`), as the in-process
+executor runs every step in the process whose pid Dagster logs for the run. :func:`install`
+puts it in the in-process executor, whose module looks the class up after a run's resources are
+set up; the model resource's setup installs it.
 """
 
 from __future__ import annotations
