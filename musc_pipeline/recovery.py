@@ -12,7 +12,7 @@ that work itself, with Dagster's instance APIs only:
 - a run still ``STARTED`` whose logged process is gone (:func:`~musc_pipeline.launcher.run_health`)
   is marked failed with the reason, whether or not it holds a slot;
 - the slots (claimed or queued) of runs that are dead, finished or deleted are freed;
-- what was done is written to the recovering run's event log (and so to the CLI's console).
+- what was done is written to the recovering run's event log (at setup also to the CLI's console).
 
 A pid means something only on its own host (a Kubernetes pod or a Celery worker has its own),
 so only runs tagged :data:`HOST_TAG` with this host are judged by their pid: the tag is written
