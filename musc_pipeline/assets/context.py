@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, PreviewWarning, StaticPartitionsDefinition
 
 from musc_pipeline.assets.partitions import split_key
-from musc_pipeline.resources.weights import resolve_name
+from musc_pipeline.assets.profile_rules import setting_problem
+from musc_pipeline.resources.weights import resolve_name, spec_for
 from musc_pipeline.settings import DatasetSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
@@ -29,12 +30,15 @@ def backbone_fingerprint(profile: ProfileSettings) -> str:
 
 
 def profile_problem(name: str, profile: ProfileSettings) -> str | None:
-    """Why a profile cannot run (one line naming it and the settings file), or None."""
+    """Why a profile cannot run (one line naming it, the settings file and the bad setting), or None."""
     try:
-        resolve_name(profile.backbone.name)
+        spec_for(profile.backbone)  # an unknown name (registry, timm:, open_clip:) raises here
+        problem = setting_problem(profile, resolve_name(profile.backbone.name))
     except ValueError as exc:  # an unknown backbone name: the message lists the known ones
-        return f"profile {name!r} in {os.environ.get('MUSC_CONFIG', 'musc.yaml')} is unusable: {exc}"
-    return None
+        problem = str(exc)
+    if problem is None:
+        return None
+    return f"profile {name!r} in {os.environ.get('MUSC_CONFIG', 'musc.yaml')} is unusable: {problem}"
 
 
 def code_versions(profile: ProfileSettings, usable: bool = True) -> dict[str, str]:

@@ -5,7 +5,7 @@ The raw stage taps F_l are never stored: every reader needs only LNAMD's input
 Y_l = LayerNorm(F_l), a cheap deterministic step from them, so one step embeds the images and
 stores Y_l (float16: the parity tests hold at that precision) beside the class tokens. With
 ``intermediates: drop`` the Y_l arrays are dropped once the category is scored
-(:func:`drop_intermediates`), and readers recompute them on demand (:func:`lnamd_inputs`).
+(:func:`musc_pipeline.assets.storage_policy.drop_intermediates`), and readers recompute them on demand (:func:`lnamd_inputs`).
 """
 
 import json
@@ -17,7 +17,6 @@ from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
-    AssetObservation,
     AssetOut,
     AssetsDefinition,
     MetadataValue,
@@ -33,7 +32,7 @@ from musc_pipeline.resources.backbone import ModelResource
 from musc_pipeline.resources.datasets import read_image, scan_category
 from musc_pipeline.resources.model import Embedded, measure
 from musc_pipeline.resources.weights import locate_weights
-from musc_pipeline.resources.storage import ArrayBundle, ArrayIOManager
+from musc_pipeline.resources.storage import ArrayBundle
 
 #: How Y_l is stored: float16 halves the largest stored array; parity holds (tests/test_parity.py).
 LNAMD_STORAGE_DTYPE = np.float16
@@ -151,16 +150,3 @@ def embedding_assets(p: ProfileContext) -> AssetsDefinition:
         )
 
     return embed
-
-
-def drop_intermediates(p: ProfileContext, context: AssetExecutionContext, arrays: ArrayIOManager) -> None:
-    """``intermediates: drop``: once a category is scored, drop its stored Y_l (the largest
-    intermediate by far) and record that on ``lnamd_features`` as an observation."""
-    if p.profile.intermediates != "drop":
-        return
-    key = p.key("lnamd_features")
-    freed = arrays.drop_arrays(key, context.partition_key, "intermediates: drop (recomputed on demand)")
-    if freed:
-        context.log_event(AssetObservation(asset_key=key, partition=context.partition_key,
-                                           metadata={"dropped": "intermediates: drop", "freed_bytes": freed}))
-        context.log.info(f"dropped {key.to_user_string()} arrays for {context.partition_key}: {freed} bytes freed")

@@ -105,7 +105,7 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
         rule = resolve_mask_rule(p.method.mask_rule, p.where(context)[1].layout)
         preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), rule)
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
-                                        "preview (highest-scoring image)": MetadataValue.md(preview)})
+                                        "figure: highest-scoring image": MetadataValue.md(preview)})
 
     return anomaly_maps
 

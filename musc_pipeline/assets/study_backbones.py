@@ -16,7 +16,7 @@ import pandas as pd
 from dagster import AssetIn, AssetKey, AssetsDefinition, MetadataValue, Output, asset
 
 from musc_pipeline.assets.metadata import md_table, table_metadata
-from musc_pipeline.assets.metrics import METRIC_NAMES
+from musc_pipeline.core.metrics import METRIC_NAMES
 from musc_pipeline.assets.study_common import STUDY_REVISION
 from musc_pipeline.settings import Settings, fingerprint
 

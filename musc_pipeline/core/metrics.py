@@ -32,6 +32,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
 IMAGE_METRICS = ("image_auroc", "image_f1_max", "image_ap")
 PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pixel_pro")
+METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
