@@ -1,6 +1,6 @@
 """Crash recovery benchmark: a run killed with kill -9 inside ``random_vit__msm_scores``, then what.
 
-For each path, on a fresh DAGSTER_HOME with the shipped dagster.yaml, a CLI run
+For each path, on a fresh DAGSTER_HOME with the shipped deploy/dagster.yaml, a CLI run
 (``dagster asset materialize``) of one partition is killed with SIGKILL right after its
 ``msm_scores`` step starts (it holds the ``musc_model`` slot), and the table gives the seconds
 from the kill to: the killed run marked failed, its slot free, and the next run's first model
@@ -54,7 +54,7 @@ def _site(root: Path, data: Path) -> dict:
     (root / "musc.yaml").write_text(
         f"storage: {root / 'store'}\nreports_dir: {root / 'reports'}\ndatasets:\n  mini: {{root: {data}}}\n"
         "profiles:\n  random_vit: {backbone: {name: ViT-B-16, weights: random, image_size: 112, seed: 0}}\n")
-    shutil.copy(REPO / "dagster.yaml", root / "home" / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", root / "home" / "dagster.yaml")
     DagsterInstance.from_config(str(root / "home")).dispose()
     return dict(os.environ, MUSC_CONFIG=str(root / "musc.yaml"), DAGSTER_HOME=str(root / "home"),
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

@@ -1,7 +1,7 @@
 """Crash recovery with no daemon: command-line and Python runs recover from runs killed before them.
 
 Real processes of the README's CLI (``dagster asset materialize``, ``dg launch``) on a temporary
-DAGSTER_HOME with the shipped dagster.yaml, real signals (SIGKILL, SIGSTOP, SIGTERM), the
+DAGSTER_HOME with the shipped deploy/dagster.yaml, real signals (SIGKILL, SIGSTOP, SIGTERM), the
 random_vit profile at 112 px on 10 images so that a whole run takes seconds.
 """
 
@@ -49,7 +49,7 @@ def _site(root: Path, data: Path) -> dict:
         f"storage: {root / 'store'}\nreports_dir: {root / 'reports'}\ndatasets:\n  mini: {{root: {data}}}\n"
         "profiles:\n  random_vit: {backbone: {name: ViT-B-16, weights: random, image_size: 112, seed: 0}}\n")
     (root / "home").mkdir()
-    shutil.copy(REPO / "dagster.yaml", root / "home" / "dagster.yaml")  # the instance config we ship
+    shutil.copy(REPO / "deploy" / "dagster.yaml", root / "home" / "dagster.yaml")  # the instance config we ship
     DagsterInstance.from_config(str(root / "home")).dispose()  # create the storages before processes race to
     return dict(os.environ, MUSC_CONFIG=str(root / "musc.yaml"), DAGSTER_HOME=str(root / "home"))
 
