@@ -4,13 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# the shipped instance settings (out of the root: Dagster warns about a dagster.yaml it ignores)
+INSTANCE_YAML := deploy/dagster.yaml
+# options of `dg dev`, e.g. DEV_ARGS="--port 3001"
+DEV_ARGS ?=
 
-.PHONY: demo studies test system-deps venv dev benchmark evaluate clean
+.PHONY: demo studies test system-deps venv dev benchmark evaluate clean plan
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: on Linux x86-64 this CUDA build runs on CPU too (pin loosely; see README)
+	# torch first: on Linux x86-64 this CUDA build runs on CPU too (pinned loosely)
 	$(PY) -m pip install -q "torch>=2.2" "torchvision>=0.17"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
@@ -19,12 +23,15 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(PY) -m musc_pipeline.demo
+
+plan: $(STAMP)  # what a run would do: backbones, weights, device, categories, time and disk estimates
+	$(PY) -m musc_pipeline.plan
 
 studies: $(STAMP)  # after `make demo`: every ablation study of every category, then reports/study_*.html
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m musc_pipeline.run_studies
 
 test: system-deps $(STAMP)
@@ -47,8 +54,8 @@ system-deps:
 
 dev: $(STAMP)
 	@mkdir -p $(DAGSTER_HOME)
-	@cp -u dagster.yaml $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	@cp -u $(INSTANCE_YAML) $(DAGSTER_HOME)/dagster.yaml  # the shipped instance settings when newer
+	$(VENV)/bin/dg dev $(DEV_ARGS)  # the project of pyproject.toml's [tool.dg]
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/msm.py

@@ -24,6 +24,9 @@ Methods (each runs in a fresh spawned process, so "peak RSS" is that process's o
   LNAMD features, each image pair once, blocked; the accelerator path).
 - ``ours/row_chunks`` (``--scale``): the default with a 64 MB result budget, so the images are
   scored in row chunks (each pair multiplied twice, memory flat in N).
+- ``ours/lowp_rerank``: ``precision="lowp_rerank"``: per degree a bfloat16 product of the unit
+  LNAMD features finds candidates, their float32 similarities give the maxima
+  (:mod:`musc_pipeline.core.msm_lowp`); "cand./max" counts the candidates.
 - ``matmul floor``: plain float32 matmuls with exactly the useful FLOPs of one product per
   image pair, U = N(N−1)/2 · 2·P²·C (A = all N·P patches, B = (N−1)·P/2 columns, chunked).
 
@@ -54,6 +57,7 @@ DEGREES = (1, 3, 5)
 INTERVAL = (0.0, 0.3)
 THREADS = 2
 SEED = 0
+LOWP_DTYPE = "bfloat16"  # CPUs: float16 matmul is slow without float16 matrix units
 MB = 2**20
 
 
@@ -95,14 +99,29 @@ def straightforward(tokens, degrees=DEGREES, interval=INTERVAL):
 ROW_CHUNK_RESULT_BUDGET = 64 * MB
 
 
-def ours(tokens, strategy: str, memory_budget: int | None, result_budget: int | None = None):
+def ours(tokens, strategy: str, memory_budget: int | None, result_budget: int | None = None, **options):
     from musc_pipeline.core import lnamd, msm
 
     kw = {} if memory_budget is None else {"memory_budget": memory_budget}
     if result_budget is not None:
         kw["result_budget"] = result_budget
     y = lnamd.layer_norm_map(tokens)
-    return msm.scores_by_degree(y, DEGREES, INTERVAL, strategy=strategy, **kw)
+    return msm.scores_by_degree(y, DEGREES, INTERVAL, strategy=strategy, **kw, **options)
+
+
+COUNTER = None  # the lowp_rerank child's candidate counter (one method per fresh process)
+
+
+def lowp_rerank(tokens, memory_budget: int | None):
+    """``precision="lowp_rerank"`` (bfloat16 products, float32 re-rank), counting candidates."""
+    global COUNTER
+    from musc_pipeline.core import msm_lowp
+
+    COUNTER = msm_lowp.Candidates()
+    import torch
+
+    return ours(tokens, "auto", memory_budget, precision="lowp_rerank", lowp_dtype=getattr(torch, LOWP_DTYPE),
+                counter=COUNTER)
 
 
 def matmul_floor(tokens):
@@ -124,19 +143,34 @@ def matmul_floor(tokens):
     return None
 
 
-def peak_gflops() -> float:
+def peak_gflops(dtype_name: str = "float32", shape=(3072, 3072, 3072), repeat: int = 3) -> float:
+    """Best GFLOP/s of an m×k @ k×n matmul in ``dtype_name`` (after one warm-up call)."""
     import torch
 
-    m = 3072
-    x, y = torch.randn(m, m), torch.randn(m, m)
-    out = torch.empty(m, m)
+    dtype = getattr(torch, dtype_name)
+    m, k, n = shape
+    x, y = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
     torch.matmul(x, y, out=out)  # warm-up
     best = math.inf
-    for _ in range(3):
+    for _ in range(repeat):
         t = time.perf_counter()
         torch.matmul(x, y, out=out)
         best = min(best, time.perf_counter() - t)
-    return 2 * m**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def peaks() -> dict[str, dict[str, float]]:
+    """Matmul peaks per precision: 3072³ and one MSM block pair (10 images of P = 196 against
+    10, C = 768). float16 once, at the block shape only, on a CPU: it runs at a few GFLOP/s
+    there (no float16 matrix units), a 3072³ product would take minutes."""
+    import torch
+
+    block = (1960, CHANNELS, 1960)
+    cpu_half = not torch.cuda.is_available()
+    return {name: {"3072³": None if name == "float16" and cpu_half else peak_gflops(name),
+                   "block": peak_gflops(name, block, 1 if name == "float16" and cpu_half else 3)}
+            for name in ("float32", "bfloat16", "float16")}
 
 
 def child(method: str, n: int, memory_budget: int | None, repeat: int = 1) -> dict:
@@ -144,8 +178,9 @@ def child(method: str, n: int, memory_budget: int | None, repeat: int = 1) -> di
 
     torch.set_num_threads(THREADS)
     if method == "peak":
-        return {"gflops": peak_gflops(), "rss": _rss_mb()}
+        return {"peaks": peaks(), "rss": _rss_mb()}
     fns = {
+        "ours/lowp_rerank": lambda t: lowp_rerank(t, memory_budget),
         "straightforward": straightforward,
         "ours/per_degree": lambda t: ours(t, "per_degree", memory_budget),
         "ours/box_filter": lambda t: ours(t, "box_filter", memory_budget),
@@ -167,6 +202,7 @@ def child(method: str, n: int, memory_budget: int | None, repeat: int = 1) -> di
         "rss": peak,
         "base": base,
         "scores": None if scores is None else scores.double().numpy(),
+        "candidates": None if COUNTER is None else COUNTER.per_patch,
     }
 
 
@@ -177,6 +213,16 @@ def _run_fresh(method: str, n: int = 0, memory_budget: int | None = None, repeat
 
 
 # --------------------------------------------------------------------------- parent side
+
+
+def cpu_flags() -> list[str]:
+    """The matrix-engine flags of this CPU (AVX-512, AMX) from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "avx512_fp16", "amx")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,22 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     h, w = GRID
     p = h * w
-    peak = _run_fresh("peak")["gflops"]
+    measured = _run_fresh("peak")["peaks"]
+    peak = measured["float32"]["3072³"]
     print(
         f"MSM benchmark — P = {p} ({h}×{w}), C = {CHANNELS}, degrees {DEGREES}, interval {INTERVAL}, "
         f"float32, {THREADS} threads; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, best of {args.repeat}"
     )
-    print(f"measured matmul peak: {peak:.1f} GFLOP/s (3072³ float32, best of 3)")
+    print(f"CPU flags: {' '.join(cpu_flags()) or '—'}")
+    print("measured matmul peaks, GFLOP/s (best of 3; float16 on a CPU: one block, once):")
+    for name, got in measured.items():
+        cells = "  ".join(f"{shape} {'—' if v is None else f'{v:7.1f}'}" for shape, v in got.items())
+        print(f"  {name:9} {cells}   ({got['block'] / measured['float32']['block']:.2f}× float32 at the block)")
     print("load average at start (1/5/15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + "\n")
 
-    header = ["N", "method", "budget", "seconds", "speed-up", "floor %", "peak RSS MB", "Δ RSS MB", "max |Δ score|"]
+    header = ["N", "method", "budget", "seconds", "speed-up", "floor %", "peak RSS MB", "Δ RSS MB", "max |Δ score|",
+              "|Δ| vs default", "cand./max"]
     rows: list[list[str]] = []
     largest = max(sizes)
     for n in sizes:
         useful = n * (n - 1) / 2 * 2 * p * p * CHANNELS
         floor_s = useful / (peak * 1e9)
-        plan = [("straightforward", None), ("ours/per_degree", None), ("ours/box_filter", None), ("matmul floor", None)]
+        plan = [("straightforward", None), ("ours/per_degree", None), ("ours/box_filter", None),
+                ("ours/lowp_rerank", None), ("matmul floor", None)]
         if args.scale:
             plan = [("ours/box_filter", None), ("ours/row_chunks", None)]
         if n == largest:
@@ -222,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         for method, budget in plan:
             results[(method, budget)] = _run_fresh(method, n, budget, args.repeat)
         base = results.get(("straightforward", None))
+        default_run = results.get(("ours/box_filter", None))
+
+        def diff(r, against):
+            if against is None or r["scores"] is None or r is against:
+                return "—"
+            return f"{np.abs(r['scores'] - against['scores']).max():.1e}"
+
         for method, budget in plan:
             r = results[(method, budget)]
-            diff = "—"
-            if base is not None and r["scores"] is not None and method != "straightforward":
-                diff = f"{np.abs(r['scores'] - base['scores']).max():.1e}"
             default = f"{msm.DEFAULT_MEMORY_BUDGET // MB} MB (default)" if method.startswith("ours") else "—"
             if method == "ours/row_chunks":
                 default = f"result {ROW_CHUNK_RESULT_BUDGET // MB} MB"
@@ -239,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * floor_s / r['seconds']:.0f}%",
                 f"{r['rss']:.0f}",
                 f"{r['rss'] - r['base']:.0f}",
-                diff,
+                diff(r, base),
+                diff(r, default_run),
+                "—" if r["candidates"] is None else f"{r['candidates']:.1f}",
             ])
         print(f"N = {n}: useful FLOPs U = {useful / 1e9:.1f} GFLOP, floor at peak = {floor_s:.2f} s", flush=True)
 
@@ -253,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nspeed-up: straightforward seconds / method seconds. floor %: time of U at the measured "
         "peak / method seconds.\npeak RSS: ru_maxrss of the method's own fresh process; Δ RSS: "
-        "growth during the timed call. max |Δ score|: vs straightforward, all degrees."
+        "growth during the timed call. max |Δ score|: vs straightforward, all degrees; |Δ| vs default:\n"
+        f"vs ours/box_filter (exact_fp32, today's default). cand./max: lowp_rerank's candidates per maximum "
+        f"(of {p} patches; symmetric blocks share them between a row and a column maximum)."
     )
     n = largest
     feats = n * p * CHANNELS * 4 / MB

@@ -25,8 +25,8 @@ Images are random RGB (1024² uint8, seeded), made before timing: decoding files
 not counted. Needs torch, torchvision, open_clip_torch, timm, pydantic and PyYAML, not Dagster. Each configuration runs in a fresh spawned process, so "peak RSS" is its own.
 "GPU alloc" is torch's peak allocated memory over all stages (the model included);
 "GPU reserved" is the caching allocator's peak, closer to what nvidia-smi shows. With
-``--precision float16`` the table also gives the largest difference of the image scores
-from float32 MSM on the same features, and their Spearman rank correlation.
+``--precision float16`` (or ``lowp_rerank``, ``auto``: ``msm_precision``) the table also gives
+the largest difference of the image scores from exact_fp32 MSM on the same features, and their Spearman rank correlation.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
         ys = [lnamd.layer_norm_map(torch.from_numpy(t)) for t in emb.taps]
     groups = subsets.divide(["good"] * n, subsets_)
 
-    def run_msm(dtype):
-        return msm.score_stages(ys, groups, device=dev, memory_budget=model.msm_memory_budget, dtype=dtype,
-                                result_budget=model.msm_result_budget_mb * 2**20)
+    def run_msm(options):
+        return msm.score_stages(ys, groups, device=dev, memory_budget=model.msm_memory_budget,
+                                result_budget=model.msm_result_budget_mb * 2**20, **options)
 
+    options = model.msm_options  # auto: the peaks are measured here, outside the timing
     with measure(dev) as measured["msm"]:
-        scores = run_msm(model.msm_dtype)
+        scores = run_msm(options)
     record_gpu_peaks()
     with measure(torch.device("cpu")) as measured["maps"]:
         _, image = maps.from_msm_scores(scores, ys[0].shape[1:3], identity.image_size)
@@ -100,17 +101,18 @@ def child(backbone: str, image_size: int | None, n: int, subsets_: int, precisio
     if gpu_peaks:  # maps and RsCIN run on the host
         out["gpu_alloc"] = max(a for a, _ in gpu_peaks) / 2**20
         out["gpu_reserved"] = max(r for _, r in gpu_peaks) / 2**20
-    if model.msm_dtype != torch.float32:  # the float16 path against float32 on the same features
+    if options != {"dtype": torch.float32, "precision": "exact_fp32"}:  # against exact_fp32 on the same features
         from scipy.stats import spearmanr
 
-        _, ref = maps.from_msm_scores(run_msm(torch.float32), ys[0].shape[1:3], identity.image_size)
+        _, ref = maps.from_msm_scores(run_msm({}), ys[0].shape[1:3], identity.image_size)
         out["max_diff"] = float((image - ref).abs().max())
         out["spearman"] = float(spearmanr(image.numpy(), ref.numpy()).statistic)
     out |= {
         "ms": {k: 1000 * m.seconds / n for k, m in measured.items()},
         "rss": max(m.peak_rss_mb for m in measured.values()),
         "batch": emb.batch_size,
-        "dtype": str(model.msm_dtype).removeprefix("torch."),
+        "dtype": str(model.msm_dtype).removeprefix("torch.") if options["precision"] == "exact_fp32"
+        else f"lowp_rerank ({str(options['lowp_dtype']).removeprefix('torch.')})",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads",
         "grid": "×".join(map(str, ys[0].shape[1:3])),
         "channels": [int(t.shape[-1]) for t in emb.taps],
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="default: the backbone's (518 for the paper's)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 200], help="images per category (N)")
     ap.add_argument("--subsets", type=int, nargs="+", default=[1], help="subset counts s (SPEC §6)")
-    ap.add_argument("--precision", choices=["float32", "float16"], default="float32",
+    ap.add_argument("--precision", choices=["exact_fp32", "lowp_rerank", "auto", "float32", "float16"], default="exact_fp32",
                     help="MSM similarities (float16 is used on GPUs only)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=0, help="0: the resource's auto batch size")

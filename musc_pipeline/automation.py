@@ -74,9 +74,10 @@ def build_automation(settings: Settings, partitions: StaticPartitionsDefinition)
     schedules, sensors = [], []
     for profile, job in jobs.items():
         @schedule(name=f"{profile}_weekly_regression", job=job, cron_schedule="0 3 * * 0",
-                  default_status=DefaultScheduleStatus.STOPPED)
+                  default_status=DefaultScheduleStatus.STOPPED,
+                  description=f"Weekly regression benchmark (Sundays 03:00, off until turned on): re-run every "
+                              f"category of profile {profile!r}; its regression_vs_previous checks compare.")
         def weekly(context: ScheduleEvaluationContext, _profile=profile):
-            """Weekly regression benchmark: re-run every category of the profile."""
             for key in partitions.get_partition_keys():
                 yield RunRequest(run_key=f"{_profile}-{context.scheduled_execution_time:%Y%m%d}-{key}",
                                  partition_key=key, tags={"musc/trigger": "schedule"})
@@ -87,12 +88,10 @@ def build_automation(settings: Settings, partitions: StaticPartitionsDefinition)
                     if not profile_problem(p, prof)}  # an unusable profile has no backbone to watch
 
     @sensor(name="backbone_change_sensor", jobs=list(jobs.values()), minimum_interval_seconds=60,
-            default_status=DefaultSensorStatus.STOPPED)
+            default_status=DefaultSensorStatus.STOPPED,
+            description="When a profile's backbone configuration changes (off until turned on), re-run its "
+                        "materialized categories; old and new metrics side by side in <profile>/regression_comparison.")
     def backbone_change_sensor(context: SensorEvaluationContext):
-        """When a profile's backbone configuration changes, re-run its materialized categories.
-
-        The comparison of old and new metrics lands in ``<profile>/regression_comparison``.
-        """
         seen = json.loads(context.cursor) if context.cursor else {}
         requests = []
         for profile, fp in fingerprints.items():

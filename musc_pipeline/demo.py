@@ -20,13 +20,10 @@ def main() -> int:
 
     from musc_pipeline.assets.partitions import partition_keys
     from musc_pipeline.definitions import defs
-    from musc_pipeline.launcher import fail_dead_runs
     from musc_pipeline.settings import load_settings
 
     settings = load_settings()
     instance = DagsterInstance.get()
-    for run_id in fail_dead_runs(instance):  # an earlier demo killed mid-run would hold the model pool
-        print(f"run {run_id}: its process is gone; marked failed and its pool slots freed", flush=True)
     keys = partition_keys(settings)
     if not keys:
         print(f"no categories found under {[d.root for d in settings.datasets.values()]}", file=sys.stderr)

@@ -10,13 +10,14 @@ from the UI and for CLI runs (``dagster asset materialize``) against the same in
 on this host: the instance is the local ``$DAGSTER_HOME`` of ``make dev``.
 
 Monitoring then marks the run failed, and ``free_slots_after_run_end_seconds`` hands its pool
-slots back. :func:`fail_dead_runs` does the same without a daemon (``make demo`` calls it).
+slots back. Without a daemon (the CLI, ``materialize``) every run does the same for the runs
+before it: :mod:`musc_pipeline.recovery`.
 """
 
 from __future__ import annotations
 
 import psutil
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun
 
@@ -31,13 +32,17 @@ def run_process(instance: DagsterInstance, run_id: str) -> tuple[int, float] | N
     return None
 
 
-def process_alive(pid: int, logged_at: float) -> bool:
-    """Whether the process that logged ``pid`` at ``logged_at`` still runs."""
+def process_gone(pid: int, logged_at: float) -> str | None:
+    """Why the process that logged ``pid`` at ``logged_at`` no longer runs, or None while it does."""
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= logged_at + 1.0
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return "it exited and is a zombie"
+        if proc.create_time() > logged_at + 1.0:
+            return f"pid {pid} now belongs to a newer process ({proc.name()}), not the Dagster run"
     except psutil.NoSuchProcess:
-        return False
+        return "no process has that pid on this host"
+    return None
 
 
 def run_health(instance: DagsterInstance, run: DagsterRun) -> CheckRunHealthResult:
@@ -45,9 +50,10 @@ def run_health(instance: DagsterInstance, run: DagsterRun) -> CheckRunHealthResu
     if found is None:  # between RUN_START and the executor's first engine event
         return CheckRunHealthResult(WorkerStatus.RUNNING, "run process not logged yet")
     pid, logged_at = found
-    if process_alive(pid, logged_at):
+    gone = process_gone(pid, logged_at)
+    if gone is None:
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"run process {pid} is alive")
-    return CheckRunHealthResult(WorkerStatus.FAILED, f"run process {pid} is gone (killed or crashed)")
+    return CheckRunHealthResult(WorkerStatus.FAILED, f"run process {pid} is gone (killed or crashed): {gone}")
 
 
 class LocalRunLauncher(DefaultRunLauncher):
@@ -59,16 +65,3 @@ class LocalRunLauncher(DefaultRunLauncher):
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         return run_health(self._instance, run)
-
-
-def fail_dead_runs(instance: DagsterInstance) -> list[str]:
-    """Mark started runs whose process is gone as failed and free their pool slots (no daemon)."""
-    failed = []
-    for run in instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
-        health = run_health(instance, run)
-        if health.status == WorkerStatus.FAILED:
-            instance.report_run_failed(run, f"Marked failed: {health.msg}.")
-            failed.append(run.run_id)
-    for run_id in failed:
-        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
-    return failed

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "data" / "demo"
@@ -45,13 +45,37 @@ class DatasetSettings(_Strict):
 
 
 class BackboneSettings(_Strict):
-    name: str = "auto"  # registry name, or "auto": the paper's if its weights are present
+    # --- backbone naming (core.registry): a registry name, "auto" (the paper's if its weights
+    # are present), timm:<model> or open_clip:<arch>/<pretrained tag>; taps: feature_info (timm)
+    # or block (open_clip) indices of a timm:/open_clip: backbone, None: its default taps
+    name: str = "auto"
+    taps: tuple[int, ...] | None = None
     weights: str = "default"  # default (hub / package) | random | path to a checkpoint file
     image_size: int | None = None  # None: the backbone's default (518 for ViT-L-14-336)
     activation: str = "auto"
     seed: int = 0
     # auto: the authors' float16 autocast of the backbone on CUDA, float32 elsewhere (recorded per run)
     precision: Literal["auto", "float32", "float16_autocast"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, value: str) -> str:
+        prefix, sep, rest = value.partition(":")
+        if sep and (prefix not in ("timm", "open_clip") or not rest
+                    or (prefix == "open_clip" and not re.fullmatch(r"[^/]+/[^/]+", rest))):
+            raise ValueError(f"backbone name {value!r}: write a registry name, timm:<model> or "
+                             f"open_clip:<arch>/<pretrained tag>")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_default_taps(self, handler):
+        """Default taps are left out, so the settings hash (code versions) of a profile that
+        names no taps is what it was before taps could be named."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("taps") is None:
+            data.pop("taps", None)
+        return data
+    # --- end backbone naming
 
 
 class MethodSettings(_Strict):

@@ -50,3 +50,15 @@ def mini_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     make_category(root, "cat1")
     return root
+
+
+@pytest.fixture(scope="session")
+def registry_hub(tmp_path_factory):
+    """A hub cache holding seeded weights of every registry hub backbone (tests/hub_cache.py):
+    written once per session, 3.6 GB of float16 files, removed at its end (pytest keeps the
+    temporary folders of the last three sessions)."""
+    from hub_cache import write_registry
+
+    cache = tmp_path_factory.mktemp("hf_home") / "hub"
+    yield {"cache": cache, **write_registry(cache)}
+    shutil.rmtree(cache, ignore_errors=True)

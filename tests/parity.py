@@ -9,7 +9,7 @@ materializes the profile's per-category assets through Dagster (the project's ow
 preprocessing, LNAMD, MSM, maps, RsCIN and metrics) and returns the largest difference per
 stage against the authors' arrays.
 
-Run ``python tests/parity.py`` to print the table that README "Parity with the official
+Run ``python tests/parity.py`` to print the table that docs/parity.md "Parity with the official
 code" quotes; ``tests/test_parity.py`` asserts the tolerances.
 """
 
@@ -56,16 +56,24 @@ def fixture_weights(backbone: str, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from musc_pipeline.core import backbone as bb
+    from musc_pipeline.core.registry import get_spec
 
     path = folder / f"{backbone}-random-seed0-fp16.safetensors"
     if path.is_file():
         return path
-    spec = bb.get_spec(backbone)
+    spec = get_spec(backbone)
     captured: dict[str, torch.Tensor] = {}
     bb.build(spec, spec.native_size, seed=0, load_weights=lambda model: captured.update(model.state_dict()))
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in captured.items()}
     save_file(state, str(path))
     return path
+
+
+def largest_difference(differences: list[float]) -> float:
+    """The largest absolute difference; NaN if any is NaN (Python's ``max`` skips a NaN that is
+    not first, so a NaN metric would pass a tolerance check)."""
+    values = np.abs(np.asarray(differences, dtype=float))
+    return float(np.nan) if np.isnan(values).any() else float(values.max())
 
 
 def _copy_images(images: np.ndarray, root: Path) -> None:
@@ -79,10 +87,11 @@ def _copy_images(images: np.ndarray, root: Path) -> None:
             shutil.copy(DEMO_CATEGORY / mask, root / mask)
 
 
-def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
+def run(fixture: Fixture, work: Path, weights_folder: Path, msm_precision: str = "exact_fp32") -> dict[str, float]:
     """Materialize the fixture's category through the assets; largest differences per stage.
 
-    ``work`` receives the dataset and the results; ``weights_folder`` caches the checkpoints.
+    ``work`` receives the dataset and the results; ``weights_folder`` caches the checkpoints;
+    ``msm_precision`` is the model resource's (docs/msm-precision.md).
     """
     from dagster import DagsterInstance
     from safetensors.numpy import load_file
@@ -93,6 +102,7 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
     from musc_pipeline.assets.scoring import full_maps
     from musc_pipeline.resources.storage import ArrayIOManager
     from musc_pipeline.definitions import build_definitions
+    from musc_pipeline.resources.backbone import ModelResource
     from musc_pipeline.settings import BackboneSettings, DatasetSettings, ProfileSettings, Settings
 
     expected = np.load(PARITY_DIR / f"{fixture.name}.npz")
@@ -105,7 +115,7 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
         profiles={"parity": ProfileSettings(backbone=BackboneSettings(
             name=fixture.backbone, weights=str(weights), image_size=fixture.image_size))},
     )
-    defs = build_definitions(settings)
+    defs = build_definitions(settings, model=ModelResource(msm_precision=msm_precision))
     start = time.perf_counter()
     result = defs.resolve_job_def("parity_categories").execute_in_process(
         partition_key="demo/PA_BDP01_TL", instance=DagsterInstance.ephemeral())
@@ -132,16 +142,23 @@ def run(fixture: Fixture, work: Path, weights_folder: Path) -> dict[str, float]:
         "image scores": float(np.abs(maps_out.arrays["image_scores"] - expected["image_scores"]).max()),
         "RsCIN scores": float(np.abs(scores["score_rscin"].to_numpy() - expected["rscin_scores"]).max()),
         "mask pixels differing": float((gt != expected["masks"]).sum()),
-        "metrics": max(abs(float(row[k]) - authors_metrics[k]) for k in METRICS),
+        "metrics": largest_difference([float(row[k]) - authors_metrics[k] for k in METRICS]),
         **{f"metric {k}": abs(float(row[k]) - authors_metrics[k]) for k in METRICS},
         "seconds": seconds,
     }
 
 
 def main() -> int:
-    names = sys.argv[1:] or [f.name for f in FIXTURES]
+    """``python tests/parity.py [FIXTURE ...] [--msm-precision exact_fp32|lowp_rerank|auto]``."""
+    args = sys.argv[1:]
+    precision = "exact_fp32"
+    if "--msm-precision" in args:
+        at = args.index("--msm-precision")
+        precision = args[at + 1]
+        del args[at : at + 2]
+    names = args or [f.name for f in FIXTURES]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {f.name: run(f, Path(tmp), Path(tmp)) for f in FIXTURES if f.name in names}
+        results = {f.name: run(f, Path(tmp), Path(tmp), precision) for f in FIXTURES if f.name in names}
     table = pd.DataFrame(results)
     with pd.option_context("display.float_format", "{:.2e}".format, "display.width", 160):
         print(table.to_string())

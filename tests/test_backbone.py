@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from musc_pipeline.core import backbone
-from musc_pipeline.core.backbone import build, get_spec, resolve_activation
+from musc_pipeline.core import registry
+from musc_pipeline.core.backbone import build, resolve_activation
+from musc_pipeline.core.registry import get_spec
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_registry_taps():
     assert get_spec("ViT-B-16").taps == (2, 5, 8, 11)
     assert get_spec("dinov2_vitl14").taps == (5, 11, 17, 23)
     assert get_spec("dinov2_vitb14").tap_final_norm and not get_spec("dino_vitb16").tap_final_norm
-    assert backbone.PAPER_BACKBONE == "ViT-L-14-336" and get_spec("ViT-L-14-336").default_size == 518
+    assert registry.PAPER_BACKBONE == "ViT-L-14-336" and get_spec("ViT-L-14-336").default_size == 518
 
 
 @pytest.mark.parametrize(

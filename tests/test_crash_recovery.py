@@ -17,28 +17,10 @@ from pathlib import Path
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from conftest import REPO
+from run_processes import step_event_time, stop, wait_for
 
 BIN = Path(sys.executable).parent
 POOL = "musc_model"
-
-
-def _wait(what: str, condition, timeout: float, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
-def _step_started(instance: DagsterInstance, run_id: str, step: str) -> float | None:
-    for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START):
-        if record.step_key == step:
-            return record.timestamp
-    return None
 
 
 def _materialize(tmp_path: Path, env: dict) -> subprocess.Popen:
@@ -49,22 +31,13 @@ def _materialize(tmp_path: Path, env: dict) -> subprocess.Popen:
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_completes(tmp_path, mini_root):
     cfg = tmp_path / "musc.yaml"
     cfg.write_text(f"storage: {tmp_path / 'store'}\ndatasets:\n  mini: {{root: {mini_root}}}\n"
                    "profiles:\n  musc: {backbone: {name: efficientnet_lite0}}\n")
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")  # the instance config we ship
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")  # the instance config we ship
     env = dict(os.environ, MUSC_CONFIG=str(cfg), DAGSTER_HOME=str(home))
     # Create the instance's SQLite storages before three processes open them at once: each would stamp its own
     # alembic revision row into a fresh schedule database ("more than one head present", seen once in CI).
@@ -75,19 +48,21 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
     try:
         first = _materialize(tmp_path, env)
         with DagsterInstance.from_config(str(home)) as instance:
-            run_id = _wait("first run created", lambda: [r.run_id for r in instance.get_runs()], 300, first)[0]
-            _wait("first run in backbone_features", lambda: _step_started(instance, run_id, "musc__embed"),
-                  300, first)
+            run_id = wait_for("first run created", lambda: [r.run_id for r in instance.get_runs()], 300, first)[0]
+            wait_for("first run in backbone_features", lambda: step_event_time(instance, run_id, "musc__embed"),
+                     300, first)
             assert instance.event_log_storage.get_concurrency_info(POOL).active_run_ids == {run_id}
             os.killpg(first.pid, signal.SIGKILL)  # the run's only process: all steps run in it
             killed_at = time.time()
             first.wait(timeout=30)
             assert instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED  # nothing told Dagster
+            # the daemon's run monitoring finds it (a later run would too: tests/test_cli_recovery.py)
+            wait_for("daemon failed the killed run", lambda: instance.get_run_by_id(run_id).is_finished, 120)
 
             second = _materialize(tmp_path, env)  # blocked on the pool until the slot is handed back
             assert second.wait(timeout=400) == 0, second.stderr.read()[-3000:]
             (second_id,) = [r.run_id for r in instance.get_runs() if r.run_id != run_id]
-            got_slot = _step_started(instance, second_id, "musc__embed")
+            got_slot = step_event_time(instance, second_id, "musc__embed")
             dead = instance.get_run_by_id(run_id)
             assert dead.status == DagsterRunStatus.FAILURE
             failure = instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE)[-1]
@@ -98,4 +73,4 @@ def test_run_killed_in_backbone_features_frees_its_slot_and_the_next_run_complet
     finally:
         for proc in (first, second, daemon):
             if proc is not None:
-                _stop(proc)
+                stop(proc)

@@ -35,3 +35,13 @@ def test_end_to_end_parity_with_the_authors_code(fixture, weights_dir, tmp_path)
     diffs = parity.run(fixture, tmp_path, weights_dir)
     beyond = {stage: (diffs[stage], tol) for stage, tol in TOLERANCES.items() if not diffs[stage] <= tol}
     assert not beyond, f"{fixture.name}: stages beyond tolerance (difference, tolerance): {beyond}"
+
+
+@pytest.mark.parametrize("position", [0, 1, -1])
+def test_a_nan_metric_fails_the_tolerance_check(position):
+    diffs = [1e-6, 2e-6, 3e-6]
+    diffs[position] = float("nan")
+    largest = parity.largest_difference(diffs)
+    assert not largest <= TOLERANCES["metrics"]  # the check test_end_to_end_parity applies
+    assert max(abs(d) for d in diffs) <= TOLERANCES["metrics"] or position == 0  # what max() did
+    assert parity.largest_difference([1e-6, -3e-6, 2e-6]) == 3e-6

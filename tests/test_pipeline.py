@@ -60,8 +60,11 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     assert first["backbone"] == "efficientnet_lite0" and not first["random_init"]
     checks = result.get_asset_check_evaluations()
     assert all(ev.passed for ev in checks) and all(ev.partition == "mini/cat1" for ev in checks)
-    # first run, and a category the paper has no numbers for: those two checks are skipped, not "passed"
-    assert {ev.check_name for ev in checks} == {"features_shape", "metrics_in_unit_interval"}
+    # first run, and a category the paper has no numbers for: those two checks say why they compared nothing
+    assert {ev.check_name: ev.description for ev in checks} == {
+        "features_shape": None, "metrics_in_unit_interval": None,
+        "regression_vs_previous": "Skipped: no previous run of this category in the score history",
+        "paper_reference": "Skipped: the paper has no numbers for mini/cat1"}
     # per stage: time per image and peak memory, the GPU peak only where a stage ran on CUDA (none here)
     assert all(first[f"{stage}_ms_per_image"] > 0 for stage in ("features", "msm", "maps"))
     assert first["peak_rss_mb"] > 100 and np.isnan(first["peak_gpu_mb"])
@@ -84,8 +87,9 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     assert result2.success
     ran = {e.asset_key.path[-1] for e in result2.get_asset_materialization_events()}
     rerun_checks = {ev.check_name: ev for ev in result2.get_asset_check_evaluations()}
-    assert set(rerun_checks) == {"metrics_in_unit_interval", "regression_vs_previous"}
+    assert set(rerun_checks) == {"metrics_in_unit_interval", "regression_vs_previous", "paper_reference"}
     assert rerun_checks["regression_vs_previous"].passed and rerun_checks["regression_vs_previous"].partition == "mini/cat1"
+    assert rerun_checks["regression_vs_previous"].description is None  # it compared this time
     assert ran == {"rscin_scores", "category_metrics"}
     assert feats.stat().st_mtime_ns == feats_mtime  # features were not recomputed
 
@@ -97,7 +101,7 @@ def test_materialize_all_then_rerun_only_rscin(tmp_path, mini_root):
     expected = rscin.rescore(torch.from_numpy(scores["score_msm"].to_numpy()), torch.from_numpy(tokens), (1, 5))
     np.testing.assert_allclose(scores["score_rscin"], expected.numpy(), atol=1e-12)
     second = pd.read_parquet(metrics_file).iloc[0]
-    assert second["previous_image_auroc"] == first["image_auroc"]
+    assert second["previous_image_auroc"] == round(first["image_auroc"], 4)  # as the metadata shows it
     # Re-materializing replaced the partition's rows rather than appending.
     assert len(pd.read_parquet(metrics_file)) == 1 and len(scores) == 10
 
@@ -183,8 +187,10 @@ def test_figures_and_html_report_assets(tmp_path, mini_root):
     result = _materialize(defs, PER_CATEGORY + ["category_figures"], instance)
     assert result.success
     meta = {ev.asset_key.path[-1]: ev.materialization.metadata for ev in result.get_asset_materialization_events()}
-    assert meta["category_figures"]["figure: qualitative"].value.startswith("![")  # the figure itself, in the UI
-    assert "data:image/png;base64," in meta["anomaly_maps"]["preview (highest-scoring image)"].value
+    figure = meta["category_figures"]["figure: qualitative maps"].value  # the figure itself, in the UI
+    assert figure.startswith("**Figure: qualitative maps**\n\n![qualitative maps](data:image/png;base64,")
+    assert Path(meta["category_figures"]["figure file: qualitative maps"].value).is_file()
+    assert meta["anomaly_maps"]["figure: highest-scoring image"].value.startswith("**Figure: image, anomaly map and mask**")
     assert meta["rscin_scores"]["dagster/row_count"].value == 10
     job = defs.resolve_implicit_global_asset_job_def()
     keys = [AssetKey(["musc", "metrics_table"]), AssetKey(["html_report"])]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from musc_pipeline.core import preprocess
-from musc_pipeline.core.backbone import OPENAI_MEAN, OPENAI_STD
+from musc_pipeline.core.registry import OPENAI_MEAN, OPENAI_STD
 
 
 # --------------------------------------------------------------------------- images

@@ -14,7 +14,6 @@ from dagster import AssetKey, DagsterInstance
 from conftest import small_settings
 from musc_pipeline.assets.ground_truth import ground_truth
 
-from musc_pipeline.assets.metric_checks import SkippedCheck
 from musc_pipeline.assets.metric_intervals import category_uncertainty
 from musc_pipeline.core import maps, metrics
 from musc_pipeline.core.preprocess import resolve_mask_rule
@@ -66,7 +65,7 @@ def test_first_run_is_skipped_and_intervals_hold_the_value(settings):
     labels, masks = _truth(np.random.default_rng(0))
     run = _run("r1", labels, masks, 1.0, seed=1, when="2026-01-01")
     columns, regression = category_uncertainty(settings, "musc", "demo/cat", run, masks, _full(run))
-    assert isinstance(regression, SkippedCheck) and "no previous run" in regression.reason
+    assert regression.description.startswith("Skipped:") and "no previous run" in regression.description
     for k in metrics.METRIC_NAMES:
         assert columns[f"{k}_lo"] <= run.metrics[k] <= columns[f"{k}_hi"]
         assert columns[f"{k}_hi"] - columns[f"{k}_lo"] > 0
@@ -124,7 +123,7 @@ def test_other_images_are_not_paired(settings):
     second = _run("r2", labels, masks, 1.0, seed=1, when="2026-01-02")
     second = ScoredRun(**{**second.__dict__, "image_ids": [f"x{i}" for i in range(N)]})
     _, regression = _check(settings, first, second, masks)
-    assert isinstance(regression, SkippedCheck) and "scored other images" in regression.reason
+    assert regression.description.startswith("Skipped:") and "scored other images" in regression.description
 
 
 def test_materialized_rerun_against_an_injected_better_run_warns(tmp_path, mini_root):

@@ -288,7 +288,8 @@ def test_example_selection_is_deterministic():
     scores = np.array([0.1, 0.9, 0.5, 0.8, 0.2, 0.5])
     labels = np.array([0, 0, 0, 1, 1, 1])
     chosen = F.select_examples(scores, labels, per_group=1)
-    assert chosen == [(3, "detected defect"), (0, "clean normal"), (4, "missed defect"), (1, "false alarm")]
+    assert chosen == [(3, "highest-scored defect"), (0, "lowest-scored normal"), (4, "lowest-scored defect"),
+                      (1, "highest-scored normal")]
     assert F.select_examples(scores, -np.ones(6), per_group=2) == [
         (1, "highest score"), (3, "highest score"), (0, "lowest score"), (4, "lowest score")]
 

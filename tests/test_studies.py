@@ -234,6 +234,11 @@ def test_ablation_results_view_and_metadata(studied):
     assert recomputed["study_percentage"].value.startswith("nothing")
     assert recomputed["study_backbones"].value == "nothing: read the category_metrics of musc"
     assert recomputed["study_interval_start"].value.endswith("one pass shared by msm_variants, percentage, interval_start")
+    tables = {m.asset_key.path[-1]: m.metadata["results"].value for m in materializations if "results" in m.metadata}
+    for study, settings_n in (("study_degrees", 9), ("study_rscin", 6)):  # one row per setting, none all-NaN
+        rows = tables[study].splitlines()[2:]
+        assert len(rows) == settings_n, tables[study]
+        assert not [r for r in rows if all(c.strip() in ("nan", "") for c in r.strip("|").split("|")[1:])]
     subsets_table = _table(settings, "subsets")
     timing = subsets_table[subsets_table["metric"].isin(["msm_ms_per_image", "peak_rss_mb"])]
     assert len(timing) == 6 and (timing["value"] > 0).all()

@@ -15,7 +15,7 @@ from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, Pr
 
 from musc_pipeline.assets.partitions import split_key
 from musc_pipeline.assets.profile_rules import setting_problem
-from musc_pipeline.resources.weights import resolve_name
+from musc_pipeline.resources.weights import resolve_name, spec_for
 from musc_pipeline.settings import DatasetSettings, IntervalSettings, MethodSettings, ProfileSettings, Settings, fingerprint
 
 #: Bump an entry when the code of that stage changes its results or the format it stores.
@@ -32,6 +32,7 @@ def backbone_fingerprint(profile: ProfileSettings) -> str:
 def profile_problem(name: str, profile: ProfileSettings) -> str | None:
     """Why a profile cannot run (one line naming it, the settings file and the bad setting), or None."""
     try:
+        spec_for(profile.backbone)  # an unknown name (registry, timm:, open_clip:) raises here
         problem = setting_problem(profile, resolve_name(profile.backbone.name))
     except ValueError as exc:  # an unknown backbone name: the message lists the known ones
         problem = str(exc)

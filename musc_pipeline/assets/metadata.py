@@ -25,13 +25,22 @@ def progress_logger(context: AssetExecutionContext, what: str) -> Callable[[int,
     return report
 
 
+#: Decimals of a float shown in the UI (metadata and Markdown tables); stored tables keep all.
+DISPLAY_DECIMALS = 4
+
+
+def display_float(value: float) -> MetadataValue:
+    """A float for the UI, rounded: a sum of float64 terms shows 1.0, not 1.0000000000000002."""
+    return MetadataValue.float(round(float(value), DISPLAY_DECIMALS))
+
+
 def timing_metadata(timing: dict) -> dict:
     """A stage's timing as UI metadata (the GPU peak only where the stage ran on CUDA)."""
-    return {k: MetadataValue.float(float(v)) for k, v in timing.items() if k != "seconds" and v is not None}
+    return {k: display_float(v) for k, v in timing.items() if k != "seconds" and v is not None}
 
 
 def _md_cell(value: object) -> str:
-    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    text = f"{value:.{DISPLAY_DECIMALS}f}" if isinstance(value, float) else str(value)
     return html.escape(text, quote=False).replace("|", "\\|")  # category names may look like HTML
 
 
@@ -43,9 +52,10 @@ def md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def table_metadata(df: pd.DataFrame) -> dict:
-    """Dagster's standard table metadata: row count and column schema (shown in the UI)."""
-    columns = [TableColumn(str(name), str(dtype)) for name, dtype in df.dtypes.items()]
+def table_metadata(df: pd.DataFrame, describe: Callable[[str], str | None] = lambda name: None) -> dict:
+    """Dagster's standard table metadata: row count and column schema (shown in the UI), each
+    column described by ``describe(name)`` where it says something."""
+    columns = [TableColumn(str(name), str(dtype), description=describe(str(name))) for name, dtype in df.dtypes.items()]
     return {"dagster/row_count": MetadataValue.int(len(df)),
             "dagster/column_schema": MetadataValue.table_schema(TableSchema(columns=columns))}
 
@@ -53,7 +63,7 @@ def table_metadata(df: pd.DataFrame) -> dict:
 def _png_markdown(fig, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.05)
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return f"**Figure: {alt}**\n\n![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
 def map_preview_png(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, title: str) -> str:
@@ -77,12 +87,13 @@ def map_preview_png(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None
         plt.close(fig)
 
 
-def figure_markdown(path: str | Path, width: int = 900) -> str:
-    """A saved figure, scaled down to ``width`` pixels, as a Markdown image (data URI)."""
+def figure_markdown(path: str | Path, title: str, width: int = 900) -> str:
+    """A saved figure, scaled down to ``width`` pixels, as a Markdown image (data URI) under a
+    "Figure: <title>" caption (the UI shows Markdown behind a "Show Markdown" link)."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.thumbnail((width, width * 4))
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="PNG", optimize=True)
-    return f"![{Path(path).stem}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return f"**Figure: {title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"

@@ -3,17 +3,18 @@ previous run (a paired test, :mod:`.metric_intervals`), and distance from the pa
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetRecordsFilter,
     MetadataValue,
 )
 
+from musc_pipeline.assets.context import ProfileContext
 from musc_pipeline.assets.paper_reference import reference_row
 from musc_pipeline.core.metrics import METRIC_NAMES
 
@@ -22,17 +23,25 @@ UNIT_TOLERANCE = 1e-9
 PAPER_TOLERANCE = 0.05
 
 
-@dataclass(frozen=True)
-class SkippedCheck:
-    """A check with nothing to compare against: no result is emitted, with this reason logged."""
+def metric_check_specs(p: ProfileContext) -> list[AssetCheckSpec]:
+    """The checks of the profile's ``category_metrics``, with what each compares."""
+    return [
+        p.check_spec("category_metrics", "metrics_in_unit_interval",
+                     f"every metric in [0, 1] (± {UNIT_TOLERANCE:g} of floating-point rounding) or n/a"),
+        p.check_spec("category_metrics", "regression_vs_previous",
+                     "warn when a metric moved significantly since the partition's last run: Δ's "
+                     f"{p.settings.intervals.level:.0%} interval (paired test on the same images) excludes 0 "
+                     f"and |Δ| ≥ {p.settings.intervals.min_effect} (nothing to compare on its first: 'Skipped: …')"),
+        p.check_spec("category_metrics", "paper_reference",
+                     f"MVTec AD / VisA: warn when more than {PAPER_TOLERANCE} from the paper "
+                     "(nothing to compare where the paper has no numbers: 'Skipped: …')"),
+    ]
 
-    check_name: str
-    reason: str
 
-
-def metric_checks(row: dict, regression: AssetCheckResult | SkippedCheck) -> Iterator[AssetCheckResult | SkippedCheck]:
-    """Check results of one category's metrics row (a skip where there is nothing to compare);
-    ``regression`` is the paired comparison with the previous run, made by the caller."""
+def metric_checks(row: dict, regression: AssetCheckResult) -> Iterator[AssetCheckResult]:
+    """Check results of one category's metrics row (a skip, with its reason, where there is
+    nothing to compare); ``regression`` is the paired comparison with the previous run, made by
+    the caller."""
     values = {k: row[k] for k in METRIC_NAMES}
     out_of_range = [k for k, v in values.items()
                     if not (math.isnan(v) or -UNIT_TOLERANCE <= v <= 1.0 + UNIT_TOLERANCE)]
@@ -45,13 +54,21 @@ def metric_checks(row: dict, regression: AssetCheckResult | SkippedCheck) -> Ite
                            else "all metrics are n/a")
 
 
+def skipped(name: str, reason: str) -> AssetCheckResult:
+    """A check with nothing to compare: a passing warning-level result whose description and
+    metadata say why it compared nothing. Dagster's own "Skipped" (a planned check that yields no
+    result) shows no reason and is stamped when the step starts, before the materialization."""
+    return AssetCheckResult(check_name=name, passed=True, severity=AssetCheckSeverity.WARN,
+                            description=f"Skipped: {reason}", metadata={"skipped": reason, "compared": "none"})
+
+
 def _deviation_check(name: str, values: dict[str, float], baseline: dict, tolerance: float, key: str,
-                     skip_reason: str) -> AssetCheckResult | SkippedCheck:
+                     skip_reason: str) -> AssetCheckResult:
     """A warning check that the metrics stay within ``tolerance`` of ``baseline`` (skipped when no
     metric has a value on both sides); ``key`` names the metadata entry listing the deviations."""
     compared = [k for k in METRIC_NAMES if not math.isnan(values[k]) and not math.isnan(baseline.get(k, math.nan))]
     if not compared:
-        return SkippedCheck(name, skip_reason)
+        return skipped(name, skip_reason)
     far = {k: values[k] - baseline[k] for k in compared if abs(values[k] - baseline[k]) > tolerance}
     return AssetCheckResult(check_name=name, passed=not far, severity=AssetCheckSeverity.WARN,
                             metadata={"compared": ", ".join(compared),

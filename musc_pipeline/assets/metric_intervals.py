@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
-from musc_pipeline.assets.metric_checks import SkippedCheck
+from musc_pipeline.assets.metric_checks import skipped
 from musc_pipeline.core import maps
 from musc_pipeline.core.metrics import METRIC_NAMES
 from musc_pipeline.core.uncertainty import category
@@ -70,27 +70,27 @@ def regression_result(deltas: dict[str, Estimate], min_effect: float, previous: 
 
 def compare_with_previous(previous: ScoredRun | None, current: ScoredRun, current_set: category.ScoreSet,
                           masks: np.ndarray | None, how: category.Resampling,
-                          min_effect: float) -> tuple[AssetCheckResult | SkippedCheck, dict[str, Estimate]]:
+                          min_effect: float) -> tuple[AssetCheckResult, dict[str, Estimate]]:
     """``regression_vs_previous`` of ``current`` against the category's previous stored run,
     paired on the same images (DeLong for image AUROC, the paired bootstrap for the rest), and
     the Δ = current − previous of each metric ({} when skipped)."""
     if previous is None:
-        return SkippedCheck("regression_vs_previous", "no previous run of this category in the score history"), {}
+        return skipped("regression_vs_previous", "no previous run of this category in the score history"), {}
     prev = previous_score_set(previous, current.image_ids, current.labels, masks, current.image_size, how)
     if isinstance(prev, str):
-        return SkippedCheck("regression_vs_previous", prev), {}
+        return skipped("regression_vs_previous", prev), {}
     point_b = previous.metrics if previous.image_size == current.image_size else None
     values = {k: v for k, v in current.metrics.items() if not math.isnan(v)}
     if prev.pixels is None or current_set.pixels is None:
         values = {k: v for k, v in values.items() if k.startswith("image_")}
     deltas = category.paired(current.labels, current_set, prev, values, point_b, how)
     if not any(not math.isnan(e.value) for e in deltas.values()):
-        return SkippedCheck("regression_vs_previous", "no metric has a value in both runs"), {}
+        return skipped("regression_vs_previous", "no metric has a value in both runs"), {}
     return regression_result(deltas, min_effect, previous), deltas
 
 
 def category_uncertainty(settings: Settings, profile: str, partition: str, current: ScoredRun,
-                         masks: np.ndarray | None, full: np.ndarray | None) -> tuple[dict, AssetCheckResult | SkippedCheck]:
+                         masks: np.ndarray | None, full: np.ndarray | None) -> tuple[dict, AssetCheckResult]:
     """The row's interval columns (and their time per image), the paired Δ against the previous
     run (``previous_<metric>_delta`` and its ``_lo``, ``_hi``, ``_p``) and ``regression_vs_previous``;
     ``current`` then joins the category's score history."""

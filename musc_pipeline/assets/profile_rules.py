@@ -6,6 +6,7 @@ naming the field and what is allowed, instead of failing minutes later inside a 
 from __future__ import annotations
 
 from musc_pipeline.core import backbone as bb
+from musc_pipeline.core import registry
 from musc_pipeline.settings import ProfileSettings
 
 
@@ -33,7 +34,7 @@ def setting_problem(profile: ProfileSettings, backbone: str) -> str | None:
          f"a folder of normal reference images, needed by mode {m.mode}"),
         ("backbone.activation", b.activation, b.activation in bb.ACTIVATIONS, f"one of {', '.join(bb.ACTIVATIONS)}"),
     ]
-    stride = bb.token_stride(bb.get_spec(backbone))
+    stride = registry.token_stride(registry.get_spec(backbone, b.taps))
     if b.image_size is not None:
         multiple = stride or 1
         rules.append(("backbone.image_size", b.image_size, b.image_size >= multiple and b.image_size % multiple == 0,

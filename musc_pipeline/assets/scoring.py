@@ -45,11 +45,12 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
             reporters.setdefault(label, progress_logger(context, f"MSM blocks done ({label})"))(done, total)
 
         score = snamd.score_stages if method.aggregation == "snamd" else msm.score_stages
+        choice = model.msm_choice  # auto: measured here, before the timing
         with measure(model.torch_device) as measured:
             out = score(
                 ys, groups, method.degrees, method.interval, references=refs, mode=method.mode,
                 device=model.torch_device, memory_budget=model.msm_memory_budget,
-                result_budget=model.msm_result_budget_mb * 2**20, dtype=model.msm_dtype, progress=progress,
+                result_budget=model.msm_result_budget_mb * 2**20, progress=progress, **model.msm_options,
             ).numpy()
         bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
         if bad.any():
@@ -60,9 +61,10 @@ def msm_scores_asset(p: ProfileContext) -> AssetsDefinition:
             "interval": json.dumps(list(method.interval)), "subsets": str(method.subsets),
             "subset_dealing": method.subset_dealing, "aggregation": method.aggregation,
             "mode": method.mode, "timing": json.dumps(timing), "identity": lnamd_maps.meta.get("identity", "{}"),
-            "images": str(n),
+            "images": str(n), "msm_precision": json.dumps(choice.record()),
         })
-        return Output(bundle, metadata={"shape": str(list(out.shape))} | timing_metadata(timing))
+        return Output(bundle, metadata={"shape": str(list(out.shape)), "msm_precision": choice.record()}
+                      | timing_metadata(timing))
 
     return msm_scores
 
@@ -105,7 +107,7 @@ def anomaly_maps_asset(p: ProfileContext) -> AssetsDefinition:
         rule = resolve_mask_rule(p.method.mask_rule, p.where(context)[1].layout)
         preview = _preview(manifest.iloc[top], amaps[top].numpy(), int(ident["image_size"]), rule)
         return Output(bundle, metadata={"shape": str(list(amaps.shape))} | timing_metadata(timing) | {
-                                        "preview (highest-scoring image)": MetadataValue.md(preview)})
+                                        "figure: highest-scoring image": MetadataValue.md(preview)})
 
     return anomaly_maps
 

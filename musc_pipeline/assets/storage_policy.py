@@ -32,3 +32,10 @@ def stored_bytes_per_image(context: AssetExecutionContext, p: ProfileContext, n:
         if path.exists():
             out[f"stored_{stage}_bytes_per_image"] = path.stat().st_size / n
     return out
+
+
+def apply_storage_policy(p: ProfileContext, context: AssetExecutionContext, n: int) -> dict:
+    """Once a category is scored: drop what the profile does not keep, then the metrics row's
+    record of what is stored (bytes per image per stage, and the policy)."""
+    drop_intermediates(p, context, context.resources.arrays)
+    return stored_bytes_per_image(context, p, n) | {"intermediates": p.profile.intermediates}

@@ -82,7 +82,14 @@ def study_output(p: ProfileContext, study: str, where: CategoryTruth, results: d
              "dataset": where.dataset, "category": where.category, "metric": metric, "value": float(value)}
             for order, (setting, values) in enumerate(results.items()) for metric, value in values.items()]
     df = pd.DataFrame(rows)
-    wide = df.pivot_table(index=["setting_order", "setting"], columns="metric", values="value", dropna=False)
-    wide = wide.reset_index().drop(columns="setting_order")
     return Output(df, output_name=output_name, metadata={"recomputed": recomputed, "settings": len(results),
-                                "results": MetadataValue.md(md_table(wide))} | table_metadata(df))
+                                "results": MetadataValue.md(md_table(wide_results(df)))} | table_metadata(df))
+
+
+def wide_results(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (in the study's order), one column per metric, from the long table.
+
+    ``pivot``, not ``pivot_table``: the latter crosses its index levels (every setting_order with
+    every setting), which made 81 mostly-NaN rows of 9 settings."""
+    wide = long.pivot(index=["setting_order", "setting"], columns="metric", values="value")
+    return wide.reset_index().drop(columns="setting_order").rename_axis(columns=None)

@@ -24,6 +24,7 @@ from dagster import (
 
 from musc_pipeline.assets.partitions import partition_keys, split_key
 from musc_pipeline.assets.metadata import figure_markdown, md_table, table_metadata
+from musc_pipeline.assets.metrics_columns import describe_column
 from musc_pipeline.assets.ground_truth import ground_truth
 from musc_pipeline.assets.paired_runs import paired_profiles
 from musc_pipeline.assets.paper_reference import REFERENCE_CSV
@@ -38,6 +39,8 @@ from musc_pipeline.settings import VARIANT_CHOICES, ProfileSettings, Settings
 
 METRIC_COLUMNS = list(metrics.IMAGE_METRICS + metrics.PIXEL_METRICS)
 _ALL = {"allow_missing_partitions": True}
+#: The UI's name of each figure of ``category_figures``.
+FIGURE_TITLES = {"qualitative": "qualitative maps", "histograms": "score histograms", "curves": "ROC and PR curves"}
 
 
 def with_means(df: pd.DataFrame) -> pd.DataFrame:
@@ -65,7 +68,7 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         df = pd.concat(per_category.values(), ignore_index=True).sort_values(["dataset", "category"])
         table = with_means(df[["dataset", "category", *METRIC_COLUMNS]])
         return Output(df, metadata={"categories": len(df), "metrics": MetadataValue.md(md_table(table))}
-                      | table_metadata(df))
+                      | table_metadata(df, describe_column))
 
     @asset(name="regression_comparison", key_prefix=[name], group_name=name, io_manager_key="tables",
            kinds={"parquet"}, ins={"table": AssetIn(key("metrics_table"))})
@@ -112,7 +115,10 @@ def build_profile_summary(name: str, profile: ProfileSettings, settings: Setting
         }
         made = {k: v for k, v in made.items() if v}
         (out_dir / "figures.json").write_text(json.dumps({k: str(Path(v).name) for k, v in made.items()}))
-        meta = {f"figure: {k}": MetadataValue.md(figure_markdown(out_dir / v)) for k, v in made.items()}
+        meta = {}
+        for kind, file in made.items():  # Dagster has no image metadata: a captioned Markdown image and the file
+            meta[f"figure: {FIGURE_TITLES[kind]}"] = MetadataValue.md(figure_markdown(out_dir / file, FIGURE_TITLES[kind]))
+            meta[f"figure file: {FIGURE_TITLES[kind]}"] = MetadataValue.path(str(out_dir / file))
         return MaterializeResult(metadata=meta | {"folder": MetadataValue.path(str(out_dir))})
 
     return [metrics_table, regression_comparison, category_figures]

@@ -51,6 +51,11 @@ def window_norms(y: torch.Tensor, r: int) -> torch.Tensor:
     return torch.linalg.vector_norm(window_mean(y, r), dim=-1)
 
 
+def unit_features(y: torch.Tensor, r: int) -> torch.Tensor:
+    """Z_r = B_r(Y) / ‖B_r(Y)‖ from layer-normed maps Y: unit vectors. N×h×w×C -> N×h×w×C."""
+    return F.normalize(window_mean(y, r), dim=-1)
+
+
 def aggregate(tokens: torch.Tensor, r: int) -> torch.Tensor:
     """Z_{l,r}: LNAMD of one stage's tokens. tokens: N×h×w×C -> N×h×w×C, unit vectors."""
-    return F.normalize(window_mean(layer_norm_map(tokens), r), dim=-1)
+    return unit_features(layer_norm_map(tokens), r)

@@ -25,7 +25,9 @@ How it is computed (all exact, see SPEC §3):
   and some 30 passes per block cost more than the product itself on this CPU.
   ``per_degree`` multiplies the LNAMD features of each degree instead (three products; any
   device and dtype; the default where the kernel is not available).
-- Image pairs are processed in blocks whose size is derived from a memory budget, so peak
+- ``precision="lowp_rerank"`` (:mod:`msm_lowp`): bfloat16/float16 products only find the
+  candidates of each maximum, their float32 similarities give it: the same maxima.
+- Image pairs are processed in blocks (:mod:`msm_blocks`) whose size is derived from a memory budget, so peak
   memory for the similarity blocks is bounded whatever N is. The per-pair result
   (R × N × P × N similarities) is what grows with N.
 
@@ -34,15 +36,14 @@ The seam for speed work is :func:`max_similarities`; everything else is selectio
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from musc_pipeline.core import lnamd, msm_kernel
+from musc_pipeline.core import lnamd, msm_blocks, msm_kernel, msm_lowp
+from musc_pipeline.core.msm_blocks import block_pairs, block_size
 
 Interval = tuple[float, float]
 Mode = Literal["zero_shot", "few_shot", "musc_plus"]
@@ -88,12 +89,6 @@ def interval_slice(n: int, interval: Interval | str) -> slice:
     return slice(start, stop)
 
 
-def block_size(patches: int, memory_budget: int, copies: int = 1, itemsize: int = 4) -> int:
-    """Images per block so that one block pair's ``copies`` P×P similarity tensors fit the budget."""
-    per_pair = copies * patches * patches * itemsize
-    return max(1, math.isqrt(max(1, memory_budget // per_pair)))
-
-
 Strategy = Literal["auto", "box_filter", "per_degree"]
 
 
@@ -112,6 +107,19 @@ def resolve_strategy(strategy: str, device: torch.device | str = "cpu") -> str:
     return strategy
 
 
+Precision = Literal["exact_fp32", "lowp_rerank"]
+
+
+def _as_grids(queries, keys, degrees):
+    """N×P×C features (degree 1 only) as N×P×1×C grids; the degrees as a tuple."""
+    degrees = tuple(degrees)
+    if queries.ndim == 3:
+        if degrees != (1,):
+            raise ValueError("degrees > 1 need the patch grid: pass N×h×w×C maps")
+        return queries.unsqueeze(2), None if keys is None else keys.unsqueeze(2), degrees
+    return queries, keys, degrees
+
+
 def max_similarities(
     queries: torch.Tensor,
     keys: torch.Tensor | None,
@@ -120,6 +128,9 @@ def max_similarities(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = torch.float32,
     strategy: Strategy = "auto",
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
+    counter: msm_lowp.Candidates | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """For each degree, query patch and key image: the best cosine similarity to that image.
@@ -127,75 +138,36 @@ def max_similarities(
     queries: N×h×w×C layer-normed maps Y (or N×P×C with degrees == (1,)).
     keys: M×h×w×C, or None to score the queries against themselves (symmetric: each image
     pair is multiplied once; the self-pairs are set to −inf).
-    strategy (:func:`resolve_strategy`):
+    precision ``exact_fp32`` — strategy (:func:`resolve_strategy`):
       - ``box_filter``: one product Y_i Y_jᵀ per image pair; every degree from it by the box
         filter over both grids, scaled by the inverse window norms, reduced to row and column
-        maxima pair by pair in cache (the C kernel below).
+        maxima pair by pair in cache (:mod:`msm_kernel`).
       - ``per_degree``: one product Z_{r,i} Z_{r,j}ᵀ per degree on the LNAMD features (any
         device and dtype; maxima are exact in any precision, so blocks stay in ``dtype``).
+    precision ``lowp_rerank``: per degree, a ``lowp_dtype`` product finds candidates, their
+    float32 similarities give the maxima (:mod:`msm_lowp`; ``counter`` counts candidates).
     Returns R×N×P×M float32, ``max_n cos(B_r(Y_i)[m], B_r(Y_j)[n])``.
     """
     if dtype == torch.bfloat16:
         raise ValueError("bfloat16 similarities lose rank order (SPEC §3); use float16 or float32")
-    strategy = resolve_strategy(strategy, queries.device)
-    degrees = tuple(degrees)
-    if queries.ndim == 3:
-        if degrees != (1,):
-            raise ValueError("degrees > 1 need the patch grid: pass N×h×w×C maps")
-        queries = queries.unsqueeze(2)
-        keys = None if keys is None else keys.unsqueeze(2)
+    if precision not in ("exact_fp32", "lowp_rerank"):
+        raise ValueError(f"unknown MSM precision {precision!r}; use exact_fp32 or lowp_rerank")
+    queries, keys, degrees = _as_grids(queries, keys, degrees)
     n, h, w, c = queries.shape
     p = h * w
     symmetric = keys is None
-    key_maps = queries if symmetric else keys
-    m = key_maps.shape[0]
-
+    m = n if symmetric else keys.shape[0]
     out = torch.full((len(degrees), n, p, m), -torch.inf, dtype=torch.float32, device=queries.device)
-    if strategy == "box_filter":
+    if precision == "lowp_rerank":
+        pairs = block_pairs(n, m, block_size(p, memory_budget, itemsize=lowp_dtype.itemsize + 1), symmetric)
+        msm_lowp.max_similarities(queries, keys, degrees, pairs, out, lowp_dtype, counter, progress)
+    elif resolve_strategy(strategy, queries.device) == "box_filter":
         # the block G of each worker, capped at what stays in cache; work rows come on top
         b = block_size(p, min(memory_budget // max(1, torch.get_num_threads()), msm_kernel.BLOCK_BYTES))
+        msm_kernel.run_pairs(queries, keys, degrees, block_pairs(n, m, b, symmetric), out, dtype, progress)
     else:
-        b = block_size(p, memory_budget, itemsize=torch.finfo(dtype).bits // 8)
-    q_blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
-    k_blocks = q_blocks if symmetric else [(s, min(s + b, m)) for s in range(0, m, b)]
-    pairs = [(qi, kj) for qi in range(len(q_blocks)) for kj in range(len(k_blocks)) if not symmetric or kj >= qi]
-
-    if strategy == "box_filter":
-        flat = lambda maps_: maps_.reshape(len(maps_), p, c).to(dtype)  # noqa: E731
-        q_feats = flat(queries)
-        k_feats = q_feats if symmetric else flat(key_maps)
-        kernel = msm_kernel.BoxKernel(degrees, (h, w), msm_kernel.inverse_window_norms(queries, degrees),
-                            None if symmetric else msm_kernel.inverse_window_norms(key_maps, degrees), out)
-        # One worker per thread, each multiplying (single-threaded) and filtering whole block
-        # pairs: no synchronisation between the product and the kernel, blocks stay in cache.
-        threads = torch.get_num_threads()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                jobs = [pool.submit(kernel, q_feats, k_feats, *q_blocks[qi], *k_blocks[kj]) for qi, kj in pairs]
-                for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
-                    job.result()
-                    if progress is not None:
-                        progress(done, len(pairs))
-        finally:
-            torch.set_num_threads(threads)  # the workers' setting is also the default of later threads
-    else:
-        def unit(maps_: torch.Tensor, r: int) -> torch.Tensor:
-            # Z_r = B_r(Y)/‖B_r(Y)‖: unit vectors, so a product is the cosine directly
-            return F.normalize(lnamd.window_mean(maps_.float(), r), dim=-1).reshape(len(maps_), p, c).to(dtype)
-
-        for ri, r in enumerate(degrees):  # one degree's features at a time (memory)
-            q_feats = unit(queries, r)
-            k_feats = q_feats if symmetric else unit(key_maps, r)
-            for done, (qi, kj) in enumerate(pairs, 1):
-                (i0, i1), (j0, j1) = q_blocks[qi], k_blocks[kj]
-                # (bi·P)×C @ C×(bj·P) -> bi×P×bj×P in `dtype`
-                sim = (q_feats[i0:i1].reshape(-1, c) @ k_feats[j0:j1].reshape(-1, c).T).view(i1 - i0, p, j1 - j0, p)
-                out[ri, i0:i1, :, j0:j1] = sim.amax(dim=3)
-                if symmetric and j0 != i0:
-                    out[ri, j0:j1, :, i0:i1] = sim.amax(dim=1).permute(1, 2, 0)
-                if progress is not None:
-                    progress(ri * len(pairs) + done, len(degrees) * len(pairs))
-            del q_feats, k_feats
+        pairs = block_pairs(n, m, block_size(p, memory_budget, itemsize=dtype.itemsize), symmetric)
+        msm_blocks.per_degree(queries, keys, degrees, pairs, out, dtype, progress)
     if symmetric:
         idx = torch.arange(n, device=out.device)
         out[:, idx, :, idx] = -torch.inf
@@ -225,6 +197,9 @@ def scores_by_degree(
     result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
     strategy: Strategy = "auto",
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
+    counter: msm_lowp.Candidates | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """MSM scores s_{l,r}(i, m) of one stage for every degree. -> R×N×P float64.
@@ -242,7 +217,8 @@ def scores_by_degree(
         becomes the minimum over references (``interval`` is ignored).
     """
     n = maps.shape[0]
-    kw = dict(memory_budget=memory_budget, dtype=dtype, strategy=strategy)
+    kw = dict(memory_budget=memory_budget, dtype=dtype, strategy=strategy, precision=precision,
+              lowp_dtype=lowp_dtype, counter=counter)
     if mode in ("few_shot", "musc_plus") and (references is None or references.shape[0] == 0):
         raise ValueError(f"MSM mode {mode!r} needs at least one normal reference image")
     if mode == "musc_plus":
@@ -303,13 +279,16 @@ def score_stages(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     result_budget: int = DEFAULT_RESULT_BUDGET,
     dtype: torch.dtype = torch.float32,
+    precision: Precision = "exact_fp32",
+    lowp_dtype: torch.dtype = torch.bfloat16,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.Tensor:
     """MSM of a whole category: every stage l, every degree r, each subset on its own.
 
     stage_maps: L tensors N×h×w×C (layer-normed Y_l, any device); groups: the image indices
     of each subset (:func:`musc_pipeline.core.subsets.divide`); references: L tensors of the
-    normal references' maps for the few-shot modes. Each subset and stage is moved to
+    normal references' maps for the few-shot modes. precision, lowp_dtype: as in
+    :func:`max_similarities`. Each subset and stage is moved to
     ``device`` in turn, so the device holds one subset of one stage at a time.
     Returns s_{l,r}(i, m) as N×L×R×P float32 on the CPU.
     """
@@ -322,8 +301,8 @@ def score_stages(
             s = scores_by_degree(
                 y[idx].to(device), degrees, interval,
                 references=None if references is None else references[l].to(device), mode=mode,
-                memory_budget=memory_budget, result_budget=result_budget, dtype=dtype,
-                progress=None if progress is None else (lambda done, total, label=label: progress(label, done, total)),
+                memory_budget=memory_budget, result_budget=result_budget, dtype=dtype, precision=precision,
+                lowp_dtype=lowp_dtype, progress=None if progress is None else (lambda done, total, label=label: progress(label, done, total)),
             )  # R×n_sub×P
             out[idx, l] = s.permute(1, 0, 2).float().cpu()
     return out

@@ -11,6 +11,7 @@ compiler MSM uses ``per_degree`` (same results).
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 from collections.abc import Sequence
@@ -235,3 +236,26 @@ class BoxKernel:
             out[:, j0:, :, i0:].data_ptr() if self.symmetric else None, s_q, s_i, s_m, s_j,  # cols[q, j, n, i]
             i1 - i0, j1 - j0, work.data_ptr(),
         )
+
+
+def run_pairs(queries, keys, degrees, pairs, out, dtype, progress=None) -> None:
+    """Every block pair ((i0, i1), (j0, j1)) through :class:`BoxKernel`, filling ``out``
+    (R×N×P×M, −inf); symmetric when keys is None. One worker per torch thread, each
+    multiplying (single-threaded) and filtering whole block pairs: no synchronisation between
+    the product and the kernel, and each block stays in cache."""
+    n, h, w, c = queries.shape
+    symmetric = keys is None
+    q_feats = queries.reshape(n, h * w, c).to(dtype)
+    k_feats = q_feats if symmetric else keys.reshape(len(keys), h * w, c).to(dtype)
+    kernel = BoxKernel(degrees, (h, w), inverse_window_norms(queries, degrees),
+                       None if symmetric else inverse_window_norms(keys, degrees), out)
+    threads = torch.get_num_threads()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            jobs = [pool.submit(kernel, q_feats, k_feats, *q, *k) for q, k in pairs]
+            for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
+                job.result()
+                if progress is not None:
+                    progress(done, len(pairs))
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting is also the default of later threads

@@ -16,13 +16,14 @@ import pandas as pd
 
 from musc_pipeline.core import backbone as bb
 from musc_pipeline.core.preprocess import resize_description, resolve_mask_rule
+from musc_pipeline.core.registry import BACKBONES
 
 NOT_RECORDED = "not recorded (materialized before conventions were recorded)"
 
 
 def _authors(row: dict, layout: str) -> dict[str, str | None]:
     """What the authors' code does for this row's backbone, size, device and layout (None: no such case)."""
-    spec = bb.BACKBONES.get(str(row.get("backbone")))
+    spec = BACKBONES.get(str(row.get("backbone")))
     size = int(row.get("image_size") or 0)
     theirs = spec is not None and spec.family != "efficientnet_lite"  # the authors ship no CNN
     on_gpu = not _missing(row.get("peak_gpu_mb"))

@@ -26,6 +26,7 @@ from .cells import (Reference, count, delta_cell, interval_of, is_nan, mean_delt
                     value_cell)
 from .conventions import conventions
 from .inputs import GROUPS, HEADLINE, METRIC_LABELS, METRICS, RunData, datasets, metrics_frame
+from .pages import Names, compare_page, href, run_link, variant_pages
 from .paths import escapes, inside, safe_relpath, slug
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -56,27 +57,6 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-
-
-def _href(name: str) -> str:
-    return quote(name)
-
-
-class _Names:
-    """Page file names: slugged, unique, inside ``out_dir``."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.used: set[str] = {"index.html", CSS_NAME}
-
-    def take(self, *parts: str) -> str:
-        base = "_".join(slug(p) for p in parts)
-        name, k = f"{base}.html", 2
-        while name.lower() in self.used:
-            name, k = f"{base}-{k}.html", k + 1
-        self.used.add(name.lower())
-        inside(self.out_dir, name)
-        return name
 
 
 def _no_curves(rec: dict) -> str:
@@ -276,81 +256,60 @@ def render_reports(
     if len(set(profiles)) != len(profiles):
         raise ValueError(f"render_reports: run profiles must be unique, got {profiles}")
     frames = [(run, metrics_frame(run)) for run in runs]
+    by_name = dict(zip(profiles, frames))
     expected: dict[str, list[str]] = {}
     for dataset, category in categories or []:
         expected.setdefault(str(dataset), []).append(str(category))
     ref = Reference(reference)
-    env = _env()
-    names = _Names(out_dir)
+    names = Names(out_dir, reserved={"index.html", CSS_NAME})
     shutil.copyfile(TEMPLATES / CSS_NAME, inside(out_dir, CSS_NAME))
-
     if compare is None and len(runs) >= 2:
         compare = (runs[0].profile, runs[1].profile)
-    compare_info = None
-    if compare is not None:
-        by_profile = dict(zip(profiles, frames))
-        unknown = [p for p in compare if p not in by_profile]
-        if unknown:
-            raise ValueError(f"render_reports: compare names unknown run(s) {unknown}; runs are {profiles}")
-        name = names.take("compare", slug(compare[0]) + "_vs_" + slug(compare[1]))
-        compare_info = {"a": compare[0], "b": compare[1], "file": name, "href": _href(name)}
+    compare_info = compare_page(names, compare, profiles) if compare is not None else None
+    pages_of_variants = variant_pages(names, variants or {}, profiles)
+    run_links = [run_link(names, run, df, expected) for run, df in frames]
+    write = _writer(out_dir)
 
-    by_name = dict(zip(profiles, frames))
-    unknown = [p for k, vs in (variants or {}).items() for p in (k, *vs) if p not in by_name]
-    if unknown:
-        raise ValueError(f"render_reports: variants name unknown run(s) {unknown}; runs are {profiles}")
-    variant_pages = []
-    for paper, others in (variants or {}).items():
-        if others:
-            name = names.take("variants", paper)
-            variant_pages.append({"paper": paper, "variants": others, "file": name, "href": _href(name)})
+    for (run, df), link in zip(frames, run_links):
+        _write_run_pages(write, out_dir, run, df, link["pages"], ref)
+    if compare_info is not None:
+        a, b = (by_name[p] for p in compare)
+        write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b, paired), groups=GROUPS)
+    for page in pages_of_variants:
+        involved = [by_name[p] for p in (page["paper"], *page["variants"])]
+        write(page["file"], "variants.html", paper=involved[0][0], variants=[r for r, _ in involved[1:]],
+              sections=_variants(involved[0], involved[1:]), groups=GROUPS)
 
-    run_links = []
-    for run, df in frames:
-        done = set(zip(df["dataset"], df["category"]))
-        missing = {d: [c for c in cats if (d, c) not in done] for d, cats in expected.items()}
-        files = [(d, names.take(run.profile, d)) for d in datasets(df)]
-        pages = [{"dataset": d, "file": f, "href": _href(f), "missing": missing.get(d, [])} for d, f in files]
-        unpaged = [{"dataset": d, "missing": cats} for d, cats in missing.items() if cats and d not in dict(files)]
-        run_links.append({"profile": run.profile, "description": run.description,
-                          "backbone": (run.facts or {}).get("backbone", ""),
-                          "random_init": run.random_init, "pages": pages, "unpaged": unpaged,
-                          "n_categories": len(df)})
+    all_datasets = list(dict.fromkeys([d for _, df in frames for d in datasets(df)] + list(expected)))
+    write(
+        "index.html", "index.html",
+        runs=run_links, compare=compare_info, variant_pages=pages_of_variants, studies=studies and href(studies),
+        headlines=[_headline(d, frames, ref, expected.get(d, [])) for d in all_datasets],
+        headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
+    )
+    return out_dir / "index.html"
+
+
+def _write_run_pages(write, out_dir: Path, run: RunData, df: pd.DataFrame, pages: list[dict], ref: Reference) -> None:
+    """A run's pages, one per dataset, each linking the others."""
+    for page in pages:
+        write(
+            page["file"], "run.html",
+            run=run, facts=_facts(run),
+            table=_run_page(out_dir, run, df, page["dataset"], ref, page["missing"]),
+            conventions=conventions(df[df["dataset"] == page["dataset"]], run.layouts.get(page["dataset"])),
+            groups=GROUPS, other_pages=[p for p in pages if p is not page],
+            banners=[run.profile] if run.random_init else [],
+        )
+
+
+def _writer(out_dir: Path):
+    """``write(name, template, **context)``: one rendered page into ``out_dir``."""
+    env = _env()
 
     def write(name: str, template: str, **ctx) -> None:
         ctx.setdefault("banners", [])
         html = env.get_template(template).render(banner=BANNER, css=CSS_NAME, **ctx)
         inside(out_dir, name).write_text(html, encoding="utf-8")
 
-    for (run, df), link in zip(frames, run_links):
-        for page in link["pages"]:
-            others = [p for p in link["pages"] if p is not page]
-            write(
-                page["file"], "run.html",
-                run=run, facts=_facts(run),
-                table=_run_page(out_dir, run, df, page["dataset"], ref, page["missing"]),
-                conventions=conventions(df[df["dataset"] == page["dataset"]], run.layouts.get(page["dataset"])),
-                groups=GROUPS, other_pages=others,
-                banners=[run.profile] if run.random_init else [],
-            )
-
-    if compare_info is not None:
-        a, b = (dict(zip(profiles, frames))[p] for p in compare)
-        write(compare_info["file"], "compare.html", a=a[0], b=b[0], sections=_compare(a, b, paired), groups=GROUPS)
-
-    for page in variant_pages:
-        involved = [by_name[p] for p in (page["paper"], *page["variants"])]
-        write(
-            page["file"], "variants.html",
-            paper=involved[0][0], variants=[r for r, _ in involved[1:]],
-            sections=_variants(involved[0], involved[1:]), groups=GROUPS,
-        )
-
-    all_datasets = list(dict.fromkeys([d for _, df in frames for d in datasets(df)] + list(expected)))
-    write(
-        "index.html", "index.html",
-        runs=run_links, compare=compare_info, variant_pages=variant_pages, studies=studies and _href(studies),
-        headlines=[_headline(d, frames, ref, expected.get(d, [])) for d in all_datasets],
-        headline_labels=[METRIC_LABELS[k] for k in HEADLINE],
-    )
-    return out_dir / "index.html"
+    return write

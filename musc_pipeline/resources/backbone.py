@@ -3,6 +3,11 @@
 All the work is :class:`~musc_pipeline.resources.model.ModelRuntime` (plain Python); this
 resource is its face in Dagster: the same options as resource config (plus CPU threads),
 exactly the methods the assets call, and one backbone load per process per configuration.
+
+Every run that uses the model (each run with a ``musc_model`` pool step) sets it up first, so
+its setup is where a run without a daemon recovers from runs killed before it
+(:mod:`musc_pipeline.recovery`) and makes its pool-slot wait sleep and answer signals
+(:mod:`musc_pipeline.slot_wait`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 
+from musc_pipeline import slot_wait
 from musc_pipeline.core import backbone as bb
+from musc_pipeline.recovery import recover_runs
 from musc_pipeline.resources.model import Embedded, ModelRuntime
 from musc_pipeline.resources.weights import Identity
 from musc_pipeline.settings import BackboneSettings
@@ -32,7 +39,10 @@ class ModelResource(ConfigurableResource):
     msm_result_budget_mb: int = ModelRuntime.msm_result_budget_mb
     threads: int = 0  # 0: torch's default
 
-    def setup_for_execution(self, context) -> None:  # noqa: D102
+    def setup_for_execution(self, context: InitResourceContext) -> None:  # noqa: D102
+        if context.instance is not None and context.run is not None:
+            recover_runs(context.instance, context.run, context.log.warning)
+            slot_wait.install()
         if self.threads:
             torch.set_num_threads(self.threads)
 
@@ -48,6 +58,14 @@ class ModelResource(ConfigurableResource):
     @property
     def msm_dtype(self) -> torch.dtype:
         return self.runtime.msm_dtype
+
+    @property
+    def msm_options(self) -> dict[str, object]:
+        return self.runtime.msm_options
+
+    @property
+    def msm_choice(self):
+        return self.runtime.msm_choice
 
     @property
     def msm_memory_budget(self) -> int:

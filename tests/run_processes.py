@@ -1,0 +1,44 @@
+"""Helpers for tests that run real Dagster processes against a real instance and signal them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from dagster import DagsterEventType, DagsterInstance
+
+
+def wait_for(what: str, condition, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.5):
+    """condition()'s first truthy value, polled; fails when ``proc`` exits first or after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def step_event_time(instance: DagsterInstance, run_id: str, step: str,
+                    event: DagsterEventType = DagsterEventType.STEP_START) -> float | None:
+    """When a step of a run logged ``event`` (first time), or None."""
+    for record in instance.all_logs(run_id, of_type=event):
+        if record.step_key == step:
+            return record.timestamp
+    return None
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process group started by the test (SIGTERM, then SIGKILL after 30 s)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGCONT)  # a stopped group cannot act on SIGTERM
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
