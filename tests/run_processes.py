@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance
 
@@ -30,6 +32,32 @@ def step_event_time(instance: DagsterInstance, run_id: str, step: str,
         if record.step_key == step:
             return record.timestamp
     return None
+
+
+def _holds_no_sqlite_lock(home: str) -> bool:
+    """Whether every SQLite file of the instance can take a write lock at once."""
+    for db in Path(home).rglob("*.db"):
+        con = sqlite3.connect(db, timeout=0)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            con.close()
+    return True
+
+
+def freeze(proc: subprocess.Popen, home: str, tries: int = 200) -> None:
+    """SIGSTOP a process group between two of its writes to the instance's SQLite storage: one
+    frozen inside a write would hold the lock, and every other process's write would fail."""
+    for _ in range(tries):
+        os.killpg(proc.pid, signal.SIGSTOP)
+        if _holds_no_sqlite_lock(home):
+            return
+        os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process {proc.pid} held a SQLite lock of {home} at each of {tries} tries")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -29,7 +29,7 @@ from conftest import REPO, make_category
 from musc_pipeline.definitions import build_definitions
 from musc_pipeline.recovery import HOST_TAG
 from musc_pipeline.settings import load_settings
-from run_processes import step_event_time, stop, wait_for
+from run_processes import freeze, step_event_time, stop, wait_for
 
 BIN = Path(sys.executable).parent
 POOL = "musc_model"
@@ -100,11 +100,12 @@ def test_cli_run_killed_inside_a_model_step_is_recovered_by_the_same_command_run
             first = _start(cli, env)
             killed_id = _new_run(instance, set(), first)
             wait_for(f"first run in {step}", lambda: step_event_time(instance, killed_id, step), 300, first, poll=0.1)
-            os.killpg(first.pid, signal.SIGSTOP)  # frozen where it is, then killed there
-            assert step_event_time(instance, killed_id, step, DagsterEventType.STEP_SUCCESS) is None
-            assert instance.event_log_storage.get_concurrency_info(POOL).active_run_ids == {killed_id}
+            # killed where it is; read the storage only after: a process frozen by SIGSTOP can hold
+            # SQLite's write lock, and the reads below would then fail with "database is locked"
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
+            assert step_event_time(instance, killed_id, step, DagsterEventType.STEP_SUCCESS) is None
+            assert instance.event_log_storage.get_concurrency_info(POOL).active_run_ids == {killed_id}
 
             second = _start(cli, env)
             assert second.wait(timeout=300) == 0, second.stderr.read()[-3000:]
@@ -136,7 +137,7 @@ def test_a_run_waiting_for_a_live_runs_slot_sleeps_never_takes_it_and_stops_on_s
             holder = _start("dagster", env)
             holder_id = _new_run(instance, set(), holder)
             wait_for("holder in embed", lambda: step_event_time(instance, holder_id, "random_vit__embed"), 300, holder)
-            os.killpg(holder.pid, signal.SIGSTOP)  # alive, holding the slot, doing nothing
+            freeze(holder, env["DAGSTER_HOME"])  # alive, holding the slot, doing nothing
             waiting = _start("dg", env)
             waiting_id = _new_run(instance, {holder_id}, waiting)
             wait_for("second run queued on the pool",

@@ -103,27 +103,30 @@ def _readme_command(prefix: str) -> str:
     return command
 
 
-def test_make_demo_prints_the_headline_and_where_the_report_is(user_folder):
-    tmp, env = user_folder
-    make = shlex.split(_readme_command("make demo"), comments=True)
+def _run_make(prefix: str, env: dict, timeout: int) -> str:
+    """The README's ``make`` command starting with ``prefix``, run in the repo; its stdout."""
+    make = shlex.split(_readme_command(prefix), comments=True)
     # -o: the installed .venv counts as up to date (the suite runs inside it)
     proc = subprocess.run([make[0], "-o", ".venv/.installed", *make[1:]], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert re.search(r"random_vit\s+demo\s+PA_BDP01_TL\s+vit-b-16", proc.stdout, flags=re.I), proc.stdout
-    assert re.search(r"musc\s+all\s+mean", proc.stdout), proc.stdout
-    report = re.search(r"^Report: (.+)$", proc.stdout, flags=re.M).group(1)
+    return proc.stdout
+
+
+def test_make_demo_prints_the_headline_and_where_the_report_is(user_folder):
+    tmp, env = user_folder
+    out = _run_make("make demo", env, 900)
+    assert re.search(r"random_vit\s+demo\s+PA_BDP01_TL\s+vit-b-16", out, flags=re.I), out
+    assert re.search(r"musc\s+all\s+mean", out), out
+    report = re.search(r"^Report: (.+)$", out, flags=re.M).group(1)
     assert (tmp / report).is_file() and (tmp / report).name == "index.html"
 
 
 def test_make_plan_names_each_profile_s_backbone_and_the_categories(user_folder):
-    tmp, env = user_folder
-    make = shlex.split(_readme_command("make plan"), comments=True)
-    proc = subprocess.run([make[0], "-o", ".venv/.installed", *make[1:]], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _, env = user_folder
+    out = _run_make("make plan", env, 300)
     for expected in ("musc", "efficientnet_lite0", "random_vit", "ViT-B-16", "PA_BDP01_TL"):
-        assert expected in proc.stdout, proc.stdout
+        assert expected in out, out
 
 
 def test_python_snippet_and_sql_query_run_as_written(user_folder):
