@@ -32,9 +32,8 @@ def backbone_fingerprint(profile: ProfileSettings) -> str:
 def profile_problem(name: str, profile: ProfileSettings) -> str | None:
     """Why a profile cannot run (one line naming it, the settings file and the bad setting), or None."""
     try:
-        spec_for(profile.backbone)  # an unknown name (registry, timm:, open_clip:) raises here
-        problem = setting_problem(profile, resolve_name(profile.backbone.name))
-    except ValueError as exc:  # an unknown backbone name: the message lists the known ones
+        problem = setting_problem(profile, spec_for(profile.backbone))
+    except ValueError as exc:  # an unknown backbone name (registry, timm:, open_clip:): the message lists close ones
         problem = str(exc)
     if problem is None:
         return None

@@ -14,10 +14,10 @@ def _positive(values: tuple[int, ...] | None) -> bool:
     return bool(values) and all(v >= 1 for v in values)
 
 
-def setting_problem(profile: ProfileSettings, backbone: str) -> str | None:
+def setting_problem(profile: ProfileSettings, spec: registry.BackboneSpec) -> str | None:
     """``<field> = <value> is not allowed: <what is>`` for the first bad setting, or None.
 
-    ``backbone`` is the resolved registry name (``auto`` already resolved)."""
+    ``spec`` is the backbone the profile names (``auto`` already resolved)."""
     m, b = profile.method, profile.backbone
     lo, hi = m.interval
     rules = [
@@ -34,11 +34,11 @@ def setting_problem(profile: ProfileSettings, backbone: str) -> str | None:
          f"a folder of normal reference images, needed by mode {m.mode}"),
         ("backbone.activation", b.activation, b.activation in bb.ACTIVATIONS, f"one of {', '.join(bb.ACTIVATIONS)}"),
     ]
-    stride = registry.token_stride(registry.get_spec(backbone, b.taps))
+    stride = registry.token_stride(spec)
     if b.image_size is not None:
         multiple = stride or 1
         rules.append(("backbone.image_size", b.image_size, b.image_size >= multiple and b.image_size % multiple == 0,
-                      f"a positive multiple of {multiple} (the token stride of {backbone})" if stride
+                      f"a positive multiple of {multiple} (the token stride of {spec.name})" if stride
                       else "a positive integer"))
     for field, value, ok, allowed in rules:
         if not ok:
