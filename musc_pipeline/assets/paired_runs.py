@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from dagster import AssetKey
 from upath import UPath
 
 from musc_pipeline.assets.ground_truth import ground_truth
@@ -29,8 +30,7 @@ PAIRED_COLUMNS = ("dataset", "category", "metric", "delta", "lo", "hi", "se", "p
 def run_masks(settings: Settings, profile: str, partition: str, run: ScoredRun) -> np.ndarray | None:
     """The run's ground truth at its S, from its profile's image manifest (None without masks)."""
     io = ParquetIOManager(base_path=UPath(settings.storage))
-    path = io.make_safe_partition_path(UPath(settings.storage) / profile / "image_manifest", partition)
-    path = path.with_name(path.name + ".parquet")
+    path = io.partition_file(AssetKey([profile, "image_manifest"]), partition)
     if not path.exists():
         return None
     manifest = io.load_from_path(None, path)

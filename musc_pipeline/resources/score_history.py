@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from dagster import AssetKey
 from upath import UPath
 
 from musc_pipeline.core.metrics import METRIC_NAMES
@@ -59,11 +60,9 @@ class ScoreHistory:
 
     def __init__(self, storage: str):
         self._io = ParquetIOManager(base_path=UPath(storage))
-        self._base = UPath(storage)
 
     def path(self, profile: str, partition: str) -> UPath:
-        path = self._io.make_safe_partition_path(self._base / profile / HISTORY_TABLE, partition)
-        return path.with_name(path.name + ".parquet")
+        return self._io.partition_file(AssetKey([profile, HISTORY_TABLE]), partition)
 
     def read(self, profile: str, partition: str) -> pd.DataFrame:
         path = self.path(profile, partition)

@@ -127,6 +127,10 @@ class _Base(UPathIOManager):
     def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
         return _safe_partition(base_path, partition)
 
+    def partition_file(self, asset_key: AssetKey, partition: str) -> UPath:
+        """Where one asset partition is stored (a path-like partition key is refused)."""
+        return self._with_extension(self.make_safe_partition_path(self._base_path.joinpath(*asset_key.path), partition))
+
 
 class ParquetIOManager(_Base):
     extension = ".parquet"
@@ -161,10 +165,6 @@ class ArrayIOManager(_Base):
         payload = _array_payload(obj)
         _atomic_write(path, payload)
         _record_size(context, payload, int(obj.meta["images"]) if "images" in obj.meta else None)
-
-    def partition_file(self, asset_key: AssetKey, partition: str) -> UPath:
-        """Where the bundle of one asset partition is stored."""
-        return self._with_extension(self.make_safe_partition_path(self._base_path.joinpath(*asset_key.path), partition))
 
     def drop_arrays(self, asset_key: AssetKey, partition: str, reason: str) -> int:
         """Replace a stored bundle by its metadata alone (``meta["dropped"] = reason``).
